@@ -1,0 +1,568 @@
+"""The engine: chunked prefill into a compressed cache, then questions answered from it.
+
+    prefix  -> forward, kept whole
+    for each chunk X_t of C document tokens:
+        forward [X_t ; probe] over the cache; in each layer, right after its attention:
+            score candidates (kept + X_t) with the observation queries, keep the top per KV head,
+            free the rest, and every m layers re-share the budget between layers (DynamicKV)
+        the probe's keys are dropped
+    suffix (question, answer prefix) -> forward over the cache -> decode -> the question is removed
+
+See ALGORITHMS.md sections 1-3. Everything the CLI does goes through :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .budget import parse_budget
+from .cache import CompressedCache
+from .config import CompressionSettings, GenerationSettings, RetentionSettings, dataclass_from_dict
+from .errors import CacheFileError, OutOfMemoryError, UsageError
+from .kernels import observation_scores
+from .methods import METHODS, Method
+from .model import LoadedModel, rotate_keys
+from .prompt import TaskPrompt, encode, prompt_ids
+
+DEFAULT_PROBE = "Answer questions about the document above."
+#: Positions kept free after the document for a question and its prompt (besides max_new_tokens).
+QUESTION_ALLOWANCE = 256
+
+
+@dataclass
+class Progress:
+    """Reported to ``on_progress`` after every chunk (prefill) and every token (decode)."""
+
+    phase: str
+    done: int
+    total: int | None
+    elapsed: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass
+class CompressStats:
+    method: str
+    budget: str
+    budget_tokens: int | None  # B: average document tokens per layer per KV head; None = no compression
+    chunk_size: int
+    doc_tokens: int
+    prefix_tokens: int
+    chunks: int
+    kept_per_layer: list[int]
+    bytes_used: int
+    full_kv_bytes: int
+    prefill_seconds: float
+    score_seconds: float
+    peak_memory_bytes: int
+    peak_memory_kind: str  # "cuda_max_allocated" or "process_rss"
+    compactions: int = 0
+    observation: str = "probe"
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.full_kv_bytes / self.bytes_used if self.bytes_used else 0.0
+
+    @property
+    def compact_positions(self) -> bool:
+        return self.compactions > 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.doc_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            compression_ratio=self.compression_ratio,
+            compact_positions=self.compact_positions,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+        )
+        return d
+
+
+@dataclass
+class CompressedDocument:
+    """A document read once into a compressed cache; ask it as many questions as you like."""
+
+    cache: CompressedCache
+    prompt: TaskPrompt
+    settings: CompressionSettings
+    stats: CompressStats
+    fingerprint: str
+    model_name: str
+    model_fingerprint: str
+    source: str = ""
+
+    def header(self) -> dict:
+        return {
+            "model": self.model_name,
+            "model_fingerprint": self.model_fingerprint,
+            "method": self.settings.method,
+            "budget": self.settings.budget,
+            "document_fingerprint": self.fingerprint,
+            "source": self.source,
+            "prompt": asdict(self.prompt),
+            "settings": self.settings.to_dict(),
+            "stats": self.stats.to_dict(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the cache to ``path`` (safetensors tensors + JSON header)."""
+        path = Path(path)
+        self.cache.save(path, self.header())
+        return path
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    token_ids: list[int]
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+    prompt_tokens: int
+    first_token_seconds: float
+    decode_seconds: float
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = max(0, len(self.token_ids) - 1)
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "question": self.question,
+            "answer": self.text,
+            "tokens": len(self.token_ids),
+            "stop_reason": self.stop_reason,
+            "first_token_seconds": self.first_token_seconds,
+            "decode_seconds": self.decode_seconds,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Pass:
+    """State of one forward pass of a chunk (+ probe): scores and compresses each layer after its attention."""
+
+    def __init__(
+        self,
+        cache: CompressedCache,
+        method: Method,
+        n_chunk: int,
+        n_probe: int,
+        pin_from: int | None,
+        n_obs: int,
+    ):
+        self.cache, self.method = cache, method
+        self.n_chunk, self.n_probe, self.pin_from, self.n_obs = n_chunk, n_probe, pin_from, n_obs
+        self.score_seconds = 0.0
+
+    def _pinned(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.pin_from is None:
+            return torch.zeros_like(positions, dtype=torch.bool)
+        return positions >= self.pin_from
+
+    def after_attention(self, l: int, query: torch.Tensor, scaling: float) -> None:
+        cache, method = self.cache, self.method
+        layer = cache.layers[l]
+        P = cache.prefix_len
+        end = layer.length - self.n_probe  # candidates: [P, end); the probe's entries follow
+        if not method.compresses:
+            layer.truncate(end)
+            return
+        t0 = time.perf_counter()
+        G = layer.keys.shape[1]
+        att = None
+        if method.uses_attention:
+            obs = query[0, :, query.shape[2] - self.n_obs :, :]
+            att = observation_scores(obs, layer.keys[0], scaling, end)[:, P:]
+        positions = layer.positions[:, P:end]
+        scores = method.score(l, att, positions, layer.scores[:, P:end], self.n_chunk)
+        n_cand = end - P
+        pinned = self._pinned(positions)
+        cap = max(int(method.capacity(l)), int(pinned[0].sum()) if n_cand else 0)
+        dev = layer.keys.device
+        if n_cand > cap:
+            idx = torch.topk(scores.masked_fill(pinned, float("inf")), cap, dim=1).indices.sort(dim=1).values
+        else:
+            idx = torch.arange(n_cand, device=dev).expand(G, n_cand)
+        keep = torch.cat([torch.arange(P, device=dev).expand(G, P), idx + P], dim=1)
+        kept_scores = torch.cat([scores.new_zeros(G, P), scores.gather(1, idx)], dim=1)
+        layer.select(keep, kept_scores)
+        self._reallocate(l)
+        self.score_seconds += time.perf_counter() - t0
+
+    def _reallocate(self, l: int) -> None:
+        cache, P = self.cache, self.cache.prefix_len
+        sizes = cache.kept_per_layer()
+        doc_scores, pinned = [], []
+        for j in range(l + 1):
+            layer = cache.layers[j]
+            pin = self._pinned(layer.positions[:, P:])
+            doc_scores.append(layer.scores[:, P:].masked_fill(pin, float("-inf")))
+            pinned.append(int(pin[0].sum()) if pin.shape[1] else 0)
+        counts = self.method.reallocate(l, sizes, doc_scores, pinned)
+        if not counts:
+            return
+        for j, b in enumerate(counts):
+            if b >= sizes[j]:
+                continue
+            layer = cache.layers[j]
+            s = layer.scores[:, P:].masked_fill(self._pinned(layer.positions[:, P:]), float("inf"))
+            idx = torch.topk(s, b, dim=1).indices.sort(dim=1).values
+            G = s.shape[0]
+            keep = torch.cat([torch.arange(P, device=s.device).expand(G, P), idx + P], dim=1)
+            layer.select(keep)
+
+
+class Engine:
+    """Compress documents into a bounded cache and answer from it.
+
+    Example::
+
+        lm = load_model("examples/model")
+        engine = Engine(lm, CompressionSettings(method="dynamickv", budget="1.7%"))
+        doc = engine.compress(text, TaskPrompt(after_document="\\n{question}\\nAnswer:"), question=q)
+        print(engine.ask(doc, q).text)
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        settings: CompressionSettings | None = None,
+        generation: GenerationSettings | None = None,
+    ):
+        self.lm = lm
+        self.settings = (settings or CompressionSettings()).validate()
+        self.generation = (generation or GenerationSettings()).validate()
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        if self.settings.chunk_size:
+            return int(self.settings.chunk_size)
+        return 4096 if self.lm.device.type == "cuda" else 1024
+
+    def _forward(self, ids: list[int], cache: CompressedCache, state: _Pass | None = None) -> torch.Tensor:
+        dev = self.lm.device
+        pos = torch.arange(cache.next_pos, cache.next_pos + len(ids), device=dev)
+        cache.pending_positions = pos
+        kwargs = {"dynkv_state": state} if state is not None else {}
+        try:
+            out = self.lm.model(
+                input_ids=torch.tensor([ids], device=dev),
+                position_ids=pos[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemoryError(
+                f"out of memory on {dev} with chunks of {self.chunk_size} tokens; "
+                "try a smaller --chunk-size or --budget"
+            ) from e
+        finally:
+            cache.pending_positions = None
+        return out.logits[0, -1]
+
+    def _ensure_positions(self, cache: CompressedCache, needed: int) -> None:
+        """Compact positions (one monotone map for all layers, keys re-rotated) if ``needed`` more won't fit."""
+        limit = self.lm.max_positions
+        if cache.next_pos + needed <= limit:
+            return
+        P = cache.prefix_len
+        free = limit - P - needed
+        span = cache.next_pos - P
+        if free < 2 or span <= 0:
+            raise UsageError(
+                f"the model's position limit ({limit}) is too small for a chunk, probe and answer of {needed} "
+                "tokens; use a smaller --chunk-size or --max-new-tokens"
+            )
+        target = free // 2
+        f = target / span
+
+        def mapping(p: torch.Tensor) -> torch.Tensor:
+            return torch.where(p >= P, P + torch.round((p - P).to(torch.float64) * f).to(p.dtype), p)
+
+        cache.remap_positions(mapping, lambda k, d: rotate_keys(k, d, self.lm.inv_freq))
+        cache.next_pos = P + target
+
+    def _method(self, budget_tokens: int | None, method_name: str) -> Method:
+        cls = METHODS["full"] if budget_tokens is None else METHODS[method_name]
+        shape = self.lm.shape
+        return cls(self.settings.retention, budget_tokens or 0, shape.num_layers, shape.num_kv_heads)
+
+    def _token_chunks(self, document, total: int | None) -> tuple[Iterator[list[int]], int | None]:
+        """Turn text, ids, or an iterable of text segments / id lists into chunks of token ids."""
+        tok = self.lm.tokenizer
+        if isinstance(document, str):
+            ids = encode(tok, document)
+            return _chunked(iter([ids]), self.chunk_size), len(ids)
+        if isinstance(document, torch.Tensor):
+            document = document.tolist()
+        if isinstance(document, (list, tuple)) and (not document or isinstance(document[0], int)):
+            return _chunked(iter([list(document)]), self.chunk_size), len(document)
+        pieces = (encode(tok, p) if isinstance(p, str) else list(p) for p in document)
+        if total is None and parse_budget(self.settings.budget).kind == "percent":
+            ids = list(itertools.chain.from_iterable(pieces))  # ids only: the text itself is never held
+            return _chunked(iter([ids]), self.chunk_size), len(ids)
+        return _chunked(pieces, self.chunk_size), total
+
+    # ---- API -------------------------------------------------------------------------------------
+    def compress(
+        self,
+        document: str | Iterable[str] | Iterable[list[int]] | list[int],
+        prompt: TaskPrompt | None = None,
+        *,
+        question: str | None = None,
+        probe: str | None = None,
+        total_tokens: int | None = None,
+        fingerprint: str | None = None,
+        source: str = "",
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> CompressedDocument:
+        """Stream ``document`` through the model in chunks into a compressed cache.
+
+        Args:
+            document: text, token ids, or an iterable of text segments (e.g. PDF pages) or id lists.
+            prompt: the text around the document (default: plain ``document + "\\n\\n" + question``).
+            question / probe: the probe text that observes each chunk (probe wins; default: the question,
+                else a generic instruction). Ignored with ``observation: tail``.
+            total_tokens: the document's length in tokens when known (a percentage budget needs it;
+                without it the ids are collected first).
+        """
+        prompt = prompt or TaskPrompt()
+        settings, lm = self.settings, self.lm
+        budget = parse_budget(settings.budget)
+        chunks, total = self._token_chunks(document, total_tokens)
+        B = budget.resolve(total, lm.cache_bytes_per_token())
+        method = self._method(B, settings.method)
+        probe_ids: list[int] = []
+        if method.compresses and method.uses_attention and settings.retention.observation == "probe":
+            probe_ids = prompt_ids(lm.tokenizer, prompt, probe or question or DEFAULT_PROBE).suffix
+            if not probe_ids:
+                raise UsageError("the probe is empty: give a question or a probe text")
+        window = settings.retention.window
+        reserve = max(QUESTION_ALLOWANCE, len(probe_ids)) + self.generation.max_new_tokens
+
+        dev = lm.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        peak = _rss_bytes()
+        cache = CompressedCache(lm.shape.num_layers)
+        digest = hashlib.sha256()
+        t_start = time.perf_counter()
+        score_s, n_chunks, seen = 0.0, 0, 0
+        with torch.inference_mode():
+            prefix = prompt_ids(lm.tokenizer, prompt, question or "").prefix
+            if prefix:
+                self._forward(prefix, cache)
+                cache.next_pos = len(prefix)
+            cache.prefix_len = len(prefix)
+            for chunk in chunks:
+                digest.update(torch.tensor(chunk, dtype=torch.int64).numpy().tobytes())
+                self._ensure_positions(cache, len(chunk) + len(probe_ids) + reserve)
+                tail = settings.retention.observation == "tail"
+                state = _Pass(
+                    cache,
+                    method,
+                    n_chunk=len(chunk),
+                    n_probe=len(probe_ids),
+                    pin_from=cache.next_pos + len(chunk) - min(window, len(chunk)) if tail else None,
+                    n_obs=len(probe_ids) if probe_ids else min(window, len(chunk)),
+                )
+                self._forward(chunk + probe_ids, cache, state)
+                cache.next_pos += len(chunk)
+                seen += len(chunk)
+                n_chunks += 1
+                score_s += state.score_seconds
+                peak = max(peak, _rss_bytes())
+                if on_progress:
+                    on_progress(Progress("prefill", seen, total, time.perf_counter() - t_start))
+        if seen == 0:
+            raise UsageError("the document is empty: nothing to compress")
+        elapsed = time.perf_counter() - t_start
+        if dev.type == "cuda":
+            peak_bytes, peak_kind = torch.cuda.max_memory_allocated(dev), "cuda_max_allocated"
+        else:
+            peak_bytes, peak_kind = peak, "process_rss"
+        stats = CompressStats(
+            method=method.name,
+            budget=str(settings.budget),
+            budget_tokens=B,
+            chunk_size=self.chunk_size,
+            doc_tokens=seen,
+            prefix_tokens=cache.prefix_len,
+            chunks=n_chunks,
+            kept_per_layer=cache.kept_per_layer(),
+            bytes_used=cache.bytes_used(),
+            full_kv_bytes=lm.full_kv_bytes(seen + cache.prefix_len),
+            prefill_seconds=elapsed,
+            score_seconds=score_s,
+            peak_memory_bytes=peak_bytes,
+            peak_memory_kind=peak_kind,
+            compactions=cache.compactions,
+            observation=settings.retention.observation,
+        )
+        return CompressedDocument(
+            cache,
+            prompt,
+            settings,
+            stats,
+            fingerprint or digest.hexdigest()[:32],
+            lm.name,
+            lm.shape.fingerprint(),
+            source,
+        )
+
+    def ask(
+        self,
+        doc: CompressedDocument,
+        question: str = "",
+        *,
+        generation: GenerationSettings | None = None,
+        on_token: Callable[[str], None] | None = None,
+        keep_logits: bool = False,
+    ) -> Answer:
+        """Prefill the suffix for ``question`` over the compressed cache and decode an answer.
+
+        The question and answer are removed from the cache afterwards, so the document can be asked again.
+        """
+        gen = (generation or self.generation).validate()
+        lm, cache = self.lm, doc.cache
+        suffix = prompt_ids(lm.tokenizer, doc.prompt, question).suffix
+        if not suffix:
+            raise UsageError("the prompt has no text after the document: give a question")
+        eos = _eos_ids(lm)
+        lengths, pos0 = cache.lengths(), cache.next_pos
+        rng = torch.Generator(device="cpu")
+        if gen.seed is not None:
+            rng.manual_seed(gen.seed)
+        out_ids: list[int] = []
+        text, stop_reason, first_logits = "", "max_new_tokens", None
+        t0 = time.perf_counter()
+        t_first = 0.0
+        try:
+            with torch.inference_mode():
+                self._ensure_positions(cache, len(suffix) + gen.max_new_tokens)
+                pos0 = cache.next_pos
+                lengths = cache.lengths()
+                logits = self._forward(suffix, cache)
+                cache.next_pos += len(suffix)
+                if keep_logits:
+                    first_logits = logits.float().cpu()
+                while True:
+                    nxt = _pick(logits, gen, rng)
+                    if not out_ids:
+                        t_first = time.perf_counter() - t0
+                    if nxt in eos:
+                        stop_reason = "eos"
+                        break
+                    out_ids.append(nxt)
+                    new_text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
+                    cut = _stop_at(new_text, gen.stop)
+                    if cut is not None:
+                        new_text, stop_reason = new_text[:cut], "stop_string"
+                    if on_token and new_text.startswith(text) and len(new_text) > len(text):
+                        on_token(new_text[len(text) :])
+                    text = new_text
+                    if stop_reason == "stop_string" or len(out_ids) >= gen.max_new_tokens:
+                        break
+                    logits = self._forward([nxt], cache)
+                    cache.next_pos += 1
+        finally:
+            cache.truncate(lengths)
+            cache.next_pos = pos0
+        total = time.perf_counter() - t0
+        return Answer(
+            question, text, out_ids, stop_reason, len(suffix), t_first, total - t_first, first_logits
+        )
+
+    def load(self, path: str | Path) -> CompressedDocument:
+        """Load a cache saved by :meth:`CompressedDocument.save`; refuses a cache made with another model."""
+        cache, meta = CompressedCache.load(path, self.lm.device, self.lm.dtype)
+        if meta.get("model_fingerprint") != self.lm.shape.fingerprint():
+            raise CacheFileError(
+                f"{path} was compressed with model {meta.get('model')!r}, not {self.lm.name!r}; "
+                f"load it with --model {meta.get('model')}"
+            )
+        if len(cache.layers) != self.lm.shape.num_layers:
+            raise CacheFileError(f"{path}: layer count does not match the model")
+        s = dict(meta["settings"])
+        s["retention"] = dataclass_from_dict(RetentionSettings, s["retention"], "retention")
+        settings = dataclass_from_dict(CompressionSettings, s, "settings")
+        st = dict(meta["stats"])
+        for k in ("compression_ratio", "compact_positions", "prefill_tokens_per_s"):
+            st.pop(k, None)
+        return CompressedDocument(
+            cache,
+            dataclass_from_dict(TaskPrompt, meta["prompt"], "prompt"),
+            settings,
+            CompressStats(**st),
+            meta["document_fingerprint"],
+            meta.get("model", ""),
+            meta["model_fingerprint"],
+            meta.get("source", ""),
+        )
+
+
+def _chunked(pieces: Iterable[list[int]], size: int) -> Iterator[list[int]]:
+    buf: list[int] = []
+    for p in pieces:
+        buf.extend(p)
+        while len(buf) >= size:
+            yield buf[:size]
+            buf = buf[size:]
+    if buf:
+        yield buf
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(lm.model, "generation_config", None), lm.model.config, lm.tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return ids
+
+
+def _pick(logits: torch.Tensor, gen: GenerationSettings, rng: torch.Generator) -> int:
+    if gen.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / gen.temperature, dim=-1)
+    if gen.top_p < 1:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < gen.top_p
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return min(cuts) if cuts else None

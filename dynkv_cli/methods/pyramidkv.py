@@ -1,0 +1,25 @@
+"""PyramidKV (arXiv 2406.02069): SnapKV scores; per-layer budgets fall linearly from bottom to top.
+
+With ``b = B - w``: ``min = b / beta``, ``max = 2b - min``, ``b_l = max - l (max - min) / (L - 1)``,
+plus the window ``w`` (only when the tail window observes). Uniform when ``B <= w``.
+"""
+
+from .base import Method
+
+
+class PyramidKVMethod(Method):
+    name = "pyramidkv"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        w, L, B = self.pinned_window, self.num_layers, self.budget
+        b = B - w
+        if b <= 0 or L == 1:
+            self.schedule = [B] * L
+        else:
+            lo = b / self.settings.pyramid_beta
+            hi = 2 * b - lo
+            self.schedule = [max(1, round(hi - l * (hi - lo) / (L - 1)) + w) for l in range(L)]
+
+    def capacity(self, layer_idx: int) -> int:
+        return self.schedule[layer_idx]

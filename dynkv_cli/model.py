@@ -1,0 +1,196 @@
+"""Load a model and tokenizer from a local folder (or a hub id when online), safely.
+
+Weights only from safetensors, no ``trust_remote_code`` unless asked, works with ``HF_HUB_OFFLINE=1``.
+The model runs with dynkv's registered attention (exact per-layer masks, see :mod:`attention`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import attention
+from .cache import ModelShape
+from .errors import ModelLoadError, UsageError
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+    shape: ModelShape
+    max_positions: int
+    inv_freq: torch.Tensor  # [rot_dim / 2] RoPE frequencies, for re-rotating kept keys
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes one document token costs in the compressed cache, all layers and KV heads together."""
+        es = torch.empty(0, dtype=self.dtype).element_size()
+        return self.shape.num_layers * self.shape.num_kv_heads * (2 * self.shape.head_dim * es + 8 + 4)
+
+    def full_kv_bytes(self, tokens: int) -> int:
+        """Bytes a plain (uncompressed) KV cache of ``tokens`` tokens takes (keys and values only)."""
+        es = torch.empty(0, dtype=self.dtype).element_size()
+        return tokens * self.shape.num_layers * self.shape.num_kv_heads * 2 * self.shape.head_dim * es
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"device {device!r} is not a device; use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def model_shape(config, name: str = "") -> ModelShape:
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ModelShape(
+        config.model_type, config.num_hidden_layers, kv, head_dim, heads, config.vocab_size, name
+    )
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a folder; point --model at a folder made by save_pretrained")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is not a model folder (no config.json); point --model at a folder with config.json, "
+            "*.safetensors and tokenizer files"
+        )
+    has_st = any(path.glob("*.safetensors"))
+    if not has_st:
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise ModelLoadError(
+                f"{path} has only pickle weights (.bin/.pt), which dynkv does not load; "
+                "convert them to safetensors (save_pretrained(safe_serialization=True))"
+            )
+        raise ModelLoadError(f"{path} has no *.safetensors weights; save the model with save_pretrained")
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a decoder-only causal LM with rotary positions and its tokenizer.
+
+    Raises :class:`ModelLoadError` with what to do when the folder is not a model, the weights are
+    not safetensors, the model is not cached while offline, or the architecture is not supported.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") and path.exists()
+    if path.exists():
+        _check_folder(path)
+        src = str(path)
+    elif name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name}: no such model folder")
+    else:
+        src = name  # a hub id
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - many exception types, one message
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "it is not a local folder and the hub is offline (HF_HUB_OFFLINE=1)"
+            if offline and not local
+            else str(e).splitlines()[0]
+        )
+        raise ModelLoadError(
+            f"cannot load model {name!r}: {hint}; give a local folder made by save_pretrained"
+        ) from e
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"{name}: encoder-decoder models are not supported; use a decoder-only causal LM"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {str(e).splitlines()[0]}") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src,
+            dtype=dt,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attention.ATTN_NAME,
+        )
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    model.to(dev).eval()
+    inv_freq = None
+    for buf_name, buf in model.named_buffers():
+        if buf_name.endswith("inv_freq"):
+            inv_freq = buf.detach().float().clone()
+            break
+    if inv_freq is None:
+        raise ModelLoadError(
+            f"{name}: model type {config.model_type!r} has no rotary positions; dynkv supports decoder-only "
+            "models with RoPE (Llama, Mistral, Qwen2, Qwen3, Phi-3, ...)"
+        )
+    max_pos = int(
+        getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 0) or 2**31
+    )
+    return LoadedModel(model, tokenizer, dev, dt, name, model_shape(config, name), max_pos, inv_freq.to(dev))
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE by ``delta`` positions (rotate-half convention) to keys already rotated once.
+
+    Args:
+        keys: ``[1, G, n, d]``; delta: ``[G, n]`` integer position change; inv_freq: ``[r/2]`` (``r <= d``).
+    """
+    r = inv_freq.numel() * 2
+    angle = delta.to(torch.float32)[..., None] * inv_freq.to(keys.device)[None, None, :]  # [G, n, r/2]
+    emb = torch.cat([angle, angle], dim=-1)
+    cos, sin = emb.cos()[None], emb.sin()[None]
+    k = keys.to(torch.float32)
+    kr = k[..., :r]
+    half = r // 2
+    rot_half = torch.cat([-kr[..., half:], kr[..., :half]], dim=-1)
+    out = torch.cat([kr * cos + rot_half * sin, k[..., r:]], dim=-1)
+    return out.to(keys.dtype)
