@@ -17,9 +17,7 @@ from transformers import AttentionInterface
 ATTN_NAME = "dynkv"
 
 
-def exact_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
-) -> torch.Tensor:
+def exact_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """Causal attention with queries aligned to the newest keys.
 
     Args:
@@ -33,13 +31,9 @@ def exact_attention(
     if q_len == 1:
         return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
     if q_len == n:
-        return F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa
-        )
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
     rows = torch.arange(n - q_len, n, device=query.device)
-    mask = (
-        torch.arange(n, device=query.device)[None, :] <= rows[:, None]
-    )  # [q, n]: a chunk x keys, never N x N
+    mask = torch.arange(n, device=query.device)[None, :] <= rows[:, None]  # [q, n]: a chunk x keys, never N x N
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
 
 
@@ -61,9 +55,7 @@ def dynkv_attention(
     out = exact_attention(query, key, value, scaling)
     state = kwargs.get("dynkv_state")
     if state is not None:
-        state.after_attention(
-            module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5
-        )
+        state.after_attention(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5)
     return out.transpose(1, 2).contiguous(), None
 
 

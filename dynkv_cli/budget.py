@@ -43,9 +43,7 @@ class Budget:
             b = int(self.value)
         elif self.kind == "percent":
             if doc_tokens is None:
-                raise BudgetError(
-                    "a percentage budget needs the document length; give tokens or bytes instead"
-                )
+                raise BudgetError("a percentage budget needs the document length; give tokens or bytes instead")
             b = math.ceil(doc_tokens * self.value / 100.0)
         else:
             if not bytes_per_token:

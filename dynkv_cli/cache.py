@@ -53,9 +53,7 @@ class CompressedLayer(DynamicLayer):
         G = key_states.shape[1]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat(
-            [self.positions, pos.to(self.positions.device)[None, :].expand(G, q)], dim=1
-        )
+        self.positions = torch.cat([self.positions, pos.to(self.positions.device)[None, :].expand(G, q)], dim=1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(G, q)], dim=1)
         return self.keys, self.values
 
@@ -87,9 +85,7 @@ class CompressedLayer(DynamicLayer):
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
-        return sum(
-            t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores)
-        )
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores))
 
 
 @dataclass
@@ -190,9 +186,7 @@ class CompressedCache(Cache):
         tmp.replace(path)
 
     @classmethod
-    def load(
-        cls, path: str | Path, device: torch.device | str = "cpu", dtype=None
-    ) -> tuple[CompressedCache, dict]:
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", dtype=None) -> tuple[CompressedCache, dict]:
         """Read a cache file written by :meth:`save`. Returns the cache and its header."""
         from safetensors import safe_open
 

@@ -107,7 +107,5 @@ def dataclass_from_dict(cls, data: dict, what: str):
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UsageError(
-            f"unknown {what} key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
-        )
+        raise UsageError(f"unknown {what} key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
     return cls(**data)

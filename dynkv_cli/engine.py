@@ -497,9 +497,7 @@ class Engine:
             cache.truncate(lengths)
             cache.next_pos = pos0
         total = time.perf_counter() - t0
-        return Answer(
-            question, text, out_ids, stop_reason, len(suffix), t_first, total - t_first, first_logits
-        )
+        return Answer(question, text, out_ids, stop_reason, len(suffix), t_first, total - t_first, first_logits)
 
     def load(self, path: str | Path) -> CompressedDocument:
         """Load a cache saved by :meth:`CompressedDocument.save`; refuses a cache made with another model."""

@@ -80,9 +80,7 @@ def model_shape(config, name: str = "") -> ModelShape:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return ModelShape(
-        config.model_type, config.num_hidden_layers, kv, head_dim, heads, config.vocab_size, name
-    )
+    return ModelShape(config.model_type, config.num_hidden_layers, kv, head_dim, heads, config.vocab_size, name)
 
 
 def _check_folder(path: Path) -> None:
@@ -138,13 +136,9 @@ def load_model(
             if offline and not local
             else str(e).splitlines()[0]
         )
-        raise ModelLoadError(
-            f"cannot load model {name!r}: {hint}; give a local folder made by save_pretrained"
-        ) from e
+        raise ModelLoadError(f"cannot load model {name!r}: {hint}; give a local folder made by save_pretrained") from e
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelLoadError(
-            f"{name}: encoder-decoder models are not supported; use a decoder-only causal LM"
-        )
+        raise ModelLoadError(f"{name}: encoder-decoder models are not supported; use a decoder-only causal LM")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
@@ -172,9 +166,7 @@ def load_model(
             f"{name}: model type {config.model_type!r} has no rotary positions; dynkv supports decoder-only "
             "models with RoPE (Llama, Mistral, Qwen2, Qwen3, Phi-3, ...)"
         )
-    max_pos = int(
-        getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 0) or 2**31
-    )
+    max_pos = int(getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 0) or 2**31)
     return LoadedModel(model, tokenizer, dev, dt, name, model_shape(config, name), max_pos, inv_freq.to(dev))
 
 

@@ -35,6 +35,8 @@ def observation_scores_ref(
     visible = torch.arange(n, device=keys.device)[None, :] <= (n - w + qi)[:, None]  # [g*w, n]
     logits = logits.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(logits, dim=-1)
+    # A query that sees no key (only when w > n) would give NaN rows: it contributes nothing instead.
+    weights = torch.where(visible.any(dim=-1, keepdim=True), weights, torch.zeros_like(weights))
     return weights[:, :, :n_candidates].sum(dim=1) / g
 
 
@@ -51,11 +53,13 @@ def pool_scores_ref(scores: torch.Tensor, positions: torch.Tensor, kernel: int, 
     Returns:
         ``[G, n]`` float32 pooled scores.
     """
+    if kind not in ("max", "avg", "none"):
+        raise ValueError(f"unknown pooling {kind!r}; use max, avg or none")
     if kind == "none" or kernel <= 1 or scores.shape[-1] == 0:
         return scores
     r = kernel // 2
     n = scores.shape[-1]
-    out = scores.clone() if kind == "max" else scores.clone()
+    out = scores.clone()
     for o in range(-r, r + 1):
         if o == 0 or abs(o) >= n:
             continue
@@ -68,10 +72,8 @@ def pool_scores_ref(scores: torch.Tensor, positions: torch.Tensor, kernel: int, 
         near = (nb_pos - here_pos).abs() <= r
         if kind == "max":
             out[:, here] = torch.where(near, torch.maximum(out[:, here], nb), out[:, here])
-        elif kind == "avg":
-            out[:, here] = out[:, here] + torch.where(near, nb, torch.zeros_like(nb))
         else:
-            raise ValueError(f"unknown pooling {kind!r}; use max, avg or none")
+            out[:, here] = out[:, here] + torch.where(near, nb, torch.zeros_like(nb))
     if kind == "avg":
         out = out / kernel
     return out
