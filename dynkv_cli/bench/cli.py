@@ -1,0 +1,5 @@
+"""`dynkv bench ...`: the benchmark commands (each benchmark module adds its command here)."""
+
+import typer
+
+bench_app = typer.Typer(help="Benchmarks: accuracy against budget, speed and memory.", no_args_is_help=True)
