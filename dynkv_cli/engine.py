@@ -45,6 +45,8 @@ class Progress:
     done: int
     total: int | None
     elapsed: float
+    kept_per_layer: list[int] | None = None  # prefill: entries per layer per KV head after this chunk
+    bytes_used: int = 0  # prefill: cache bytes after this chunk
 
     @property
     def tokens_per_s(self) -> float:
@@ -366,7 +368,7 @@ class Engine:
             if not probe_ids:
                 raise UsageError("the probe is empty: give a question or a probe text")
         window = settings.retention.window
-        reserve = max(QUESTION_ALLOWANCE, len(probe_ids)) + self.generation.max_new_tokens
+        reserve = max(min(QUESTION_ALLOWANCE, lm.max_positions // 8), len(probe_ids)) + self.generation.max_new_tokens
 
         dev = lm.device
         if dev.type == "cuda":
@@ -401,7 +403,16 @@ class Engine:
                 score_s += state.score_seconds
                 peak = max(peak, _rss_bytes())
                 if on_progress:
-                    on_progress(Progress("prefill", seen, total, time.perf_counter() - t_start))
+                    on_progress(
+                        Progress(
+                            "prefill",
+                            seen,
+                            total,
+                            time.perf_counter() - t_start,
+                            cache.kept_per_layer(),
+                            cache.bytes_used(),
+                        )
+                    )
         if seen == 0:
             raise UsageError("the document is empty: nothing to compress")
         elapsed = time.perf_counter() - t_start
@@ -445,6 +456,7 @@ class Engine:
         *,
         generation: GenerationSettings | None = None,
         on_token: Callable[[str], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
         keep_logits: bool = False,
     ) -> Answer:
         """Prefill the suffix for ``question`` over the compressed cache and decode an answer.
@@ -489,6 +501,8 @@ class Engine:
                     if on_token and new_text.startswith(text) and len(new_text) > len(text):
                         on_token(new_text[len(text) :])
                     text = new_text
+                    if on_progress:
+                        on_progress(Progress("decode", len(out_ids), gen.max_new_tokens, time.perf_counter() - t0))
                     if stop_reason == "stop_string" or len(out_ids) >= gen.max_new_tokens:
                         break
                     logits = self._forward([nxt], cache)
