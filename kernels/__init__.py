@@ -27,17 +27,21 @@ def triton_available() -> bool:
     return True
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _use_triton(*tensors: torch.Tensor) -> bool:
+    """Forced by ``DYNKV_FORCE_TRITON=1``; otherwise CUDA tensors of a kernel dtype and an importable triton."""
     if os.environ.get("DYNKV_FORCE_TRITON") == "1":
         if not triton_available():
             raise ImportError("DYNKV_FORCE_TRITON=1 but triton does not import: pip install 'dynkv[triton]'")
         return True
-    return all(t.is_cuda for t in tensors) and triton_available()
+    on_cuda = all(t.is_cuda for t in tensors)
+    dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in tensors if t.is_floating_point())
+    return on_cuda and dtypes_ok and triton_available()
 
 
-def observation_scores(
-    query: torch.Tensor, keys: torch.Tensor, scaling: float, n_candidates: int
-) -> torch.Tensor:
+def observation_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float, n_candidates: int) -> torch.Tensor:
     """See :func:`observation_scores_ref`."""
     if _use_triton(query, keys):
         from .obs_scores_triton import observation_scores_triton

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def observation_scores_ref(
-    query: torch.Tensor, keys: torch.Tensor, scaling: float, n_candidates: int
-) -> torch.Tensor:
+def observation_scores_ref(query: torch.Tensor, keys: torch.Tensor, scaling: float, n_candidates: int) -> torch.Tensor:
     """Attention mass each key receives from the observation queries.
 
     Args:
