@@ -1,0 +1,269 @@
+"""The tasks: summarize, qa and rag, from documents and a profile to result records.
+
+    runner = TaskRunner(load_model("examples/model"), load_profile("qa"))
+    result = runner.qa(open_document("report.pdf"), ["Who signed the lease?"])
+    print(result.answers[0].text); print(result.to_dict())
+
+How questions meet the cache (``profile.questions``):
+
+* ``shared``: the document is compressed once, observed by the profile's question-agnostic probe, and
+  every question is asked from that cache. A single question is compressed question-aware (nothing to
+  share, and the question is the best probe there is).
+* ``separate``: every question gets its own question-aware pass (the question observes each chunk).
+
+A summary is a question too: the profile's ``instruction``, asked question-aware. RAG reads many
+documents as one context; each passage starts with the profile's ``passage_header`` naming its
+source, and the answer's ``[n]`` citations are mapped back to those sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .documents import Document, DocumentError
+from .engine import Answer, CompressedDocument, CompressStats, Engine, Progress
+from .model import LoadedModel
+from .profiles import Profile
+
+DEFAULT_INSTRUCTION = "Summarize the document above in a few sentences."
+
+
+@dataclass
+class Hooks:
+    """Callbacks for a front end; all optional."""
+
+    progress: Callable[[Progress], None] | None = None  # after each prefill chunk
+    phase: Callable[[str, str], None] | None = None  # ("compress", source) or ("answer", question)
+    token: Callable[[str], None] | None = None  # answer text as it is generated
+    warning: Callable[[str], None] | None = None  # a problem that did not stop the task
+
+
+@dataclass
+class TaskResult:
+    """One document's (or one RAG context's) result. ``to_dict()`` is the JSON record."""
+
+    source: str
+    task: str
+    profile: str
+    model: str = ""
+    method: str = ""
+    budget: str = ""
+    answers: list[Answer] = field(default_factory=list)
+    stats: CompressStats | None = None
+    passes: int = 0
+    prefill_seconds: float = 0.0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # rag: passage i+1 came from sources[i]
+    error: str | None = None
+    error_type: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def cited(self, answer: Answer) -> list[str]:
+        """The sources an answer cites as ``[n]`` (rag), in order of first mention."""
+        out: list[str] = []
+        for m in re.finditer(r"\[(\d+)\]", answer.text):
+            i = int(m.group(1))
+            if 1 <= i <= len(self.sources) and self.sources[i - 1] not in out:
+                out.append(self.sources[i - 1])
+        return out
+
+    def to_dict(self) -> dict:
+        answers = []
+        for a in self.answers:
+            d = a.to_dict()
+            if self.task == "rag":
+                d["cited_sources"] = self.cited(a)
+            answers.append(d)
+        s = self.stats
+        record = {
+            "source": self.source,
+            "task": self.task,
+            "profile": self.profile,
+            "model": self.model,
+            "method": self.method,
+            "budget": self.budget,
+            "answer": self.answers[0].text if self.answers else None,
+            "answers": answers,
+            "doc_tokens": s.doc_tokens if s else None,
+            "budget_tokens": s.budget_tokens if s else None,
+            "kept_tokens": round(sum(s.kept_per_layer) / len(s.kept_per_layer), 1) if s and s.kept_per_layer else None,
+            "kept_per_layer": s.kept_per_layer if s else None,
+            "bytes_used": s.bytes_used if s else None,
+            "full_kv_bytes": s.full_kv_bytes if s else None,
+            "compression_ratio": round(s.compression_ratio, 3) if s else None,
+            "passes": self.passes,
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 1) if s else None,
+            "decode_seconds": round(sum(a.decode_seconds + a.first_token_seconds for a in self.answers), 4),
+            "seconds": round(self.seconds, 4),
+            "peak_memory_bytes": s.peak_memory_bytes if s else None,
+            "warnings": self.warnings,
+            "error": self.error,
+        }
+        if self.task == "rag":
+            record["sources"] = self.sources
+        if self.error_type:
+            record["error_type"] = self.error_type
+        return record
+
+
+def failed(source: str, task: str, profile: str, err: BaseException) -> TaskResult:
+    """A result that records why a document could not be done."""
+    kind = type(err).__name__
+    return TaskResult(source=source, task=task, profile=profile, error=str(err) or kind, error_type=kind)
+
+
+class TaskRunner:
+    """Runs tasks with one loaded model and one profile (flags already applied to the profile)."""
+
+    def __init__(self, lm: LoadedModel, profile: Profile, hooks: Hooks | None = None):
+        self.lm = lm
+        self.profile = profile
+        self.engine = Engine(lm, profile.compression(), profile.generation)
+        self.hooks = hooks or Hooks()
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def _result(self, source: str, task: str) -> TaskResult:
+        return TaskResult(
+            source=source,
+            task=task,
+            profile=self.profile.name,
+            model=self.lm.name,
+            method=self.profile.method,
+            budget=self.profile.budget,
+        )
+
+    def _warn(self, result: TaskResult, doc: Document, seen: int) -> int:
+        for w in doc.warnings[seen:]:
+            msg = f"{doc.source}: {w}"
+            result.warnings.append(msg)
+            if self.hooks.warning:
+                self.hooks.warning(msg)
+        return len(doc.warnings)
+
+    def compress(
+        self,
+        doc: Document,
+        *,
+        question: str | None = None,
+        probe: str | None = None,
+        result: TaskResult | None = None,
+    ) -> CompressedDocument:
+        """Stream ``doc``'s segments through the engine into a compressed cache."""
+        if self.hooks.phase:
+            self.hooks.phase("compress", doc.source)
+        result = result or self._result(doc.source, self.profile.task)
+        seen = self._warn(result, doc, 0)
+        segments = (s.text for s in doc.segments())
+        cdoc = self._compress_segments(segments, doc.fingerprint, doc.source, question, probe)
+        self._warn(result, doc, seen)
+        result.stats = cdoc.stats
+        result.passes += 1
+        result.prefill_seconds += cdoc.stats.prefill_seconds
+        return cdoc
+
+    def _compress_segments(
+        self, segments, fingerprint: str | None, source: str, question: str | None, probe: str | None
+    ) -> CompressedDocument:
+        return self.engine.compress(
+            segments,
+            self.profile.prompt,
+            question=question,
+            probe=probe,
+            fingerprint=fingerprint,
+            source=source,
+            on_progress=self.hooks.progress,
+        )
+
+    def ask(self, cdoc: CompressedDocument, question: str) -> Answer:
+        if self.hooks.phase:
+            self.hooks.phase("answer", question)
+        return self.engine.ask(cdoc, question, on_token=self.hooks.token)
+
+    # ---- tasks ---------------------------------------------------------------------------------
+    def summarize(self, doc: Document) -> TaskResult:
+        """Summarize one document with the profile's instruction (question-aware)."""
+        t0 = time.perf_counter()
+        result = self._result(doc.source, "summarize")
+        instruction = self.profile.instruction or DEFAULT_INSTRUCTION
+        cdoc = self.compress(doc, question=instruction, result=result)
+        result.answers.append(self.ask(cdoc, instruction))
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def qa(self, doc: Document | CompressedDocument, questions: Sequence[str]) -> TaskResult:
+        """Answer ``questions`` about one document (or a cache loaded from a ``.dkv`` file)."""
+        if not questions:
+            raise ValueError("qa needs at least one question")
+        t0 = time.perf_counter()
+        if isinstance(doc, CompressedDocument):
+            result = self._result(doc.source, "qa")
+            result.stats, result.method, result.budget = doc.stats, doc.stats.method, doc.settings.budget
+            for q in questions:
+                result.answers.append(self.ask(doc, q))
+        elif self.profile.questions == "separate" or len(questions) == 1:
+            result = self._result(doc.source, "qa")
+            for q in questions:
+                cdoc = self.compress(doc, question=q, result=result)
+                result.answers.append(self.ask(cdoc, q))
+        else:
+            result = self._result(doc.source, "qa")
+            cdoc = self.compress(doc, probe=self.profile.probe, result=result)
+            for q in questions:
+                result.answers.append(self.ask(cdoc, q))
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def rag(self, docs: Sequence[Document], questions: Sequence[str]) -> TaskResult:
+        """Answer ``questions`` from all ``docs`` read as one context, each passage marked with its source."""
+        if not docs:
+            raise DocumentError("no documents to read: pass files or folders")
+        if not questions:
+            raise ValueError("rag needs at least one question")
+        t0 = time.perf_counter()
+        sources = [d.source for d in docs]
+        name = sources[0] if len(sources) == 1 else f"{len(sources)} documents"
+        result = self._result(name, "rag")
+        result.sources = sources
+        fingerprint = hashlib.sha256("\0".join(d.fingerprint for d in docs).encode()).hexdigest()[:16]
+
+        def passages() -> Iterator[str]:
+            for i, d in enumerate(docs, start=1):
+                yield self.profile.passage_header.format(index=i, source=d.source)
+                seen = self._warn(result, d, 0)
+                for s in d.segments():
+                    yield s.text
+                self._warn(result, d, seen)
+
+        shared = self.profile.questions == "shared" and len(questions) > 1
+        plans = [(None, self.profile.probe)] if shared else [(q, None) for q in questions]
+        for q, probe in plans:
+            if self.hooks.phase:
+                self.hooks.phase("compress", name)
+            result.warnings.clear()
+            cdoc = self._compress_segments(passages(), fingerprint, name, q, probe)
+            result.stats = cdoc.stats
+            result.passes += 1
+            result.prefill_seconds += cdoc.stats.prefill_seconds
+            for question in questions if shared else [q]:
+                result.answers.append(self.ask(cdoc, question))
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def run(self, task: str, doc: Document, questions: Sequence[str] = ()) -> TaskResult:
+        """One document through ``task`` (what ``dynkv batch`` does per document)."""
+        if task == "summarize":
+            return self.summarize(doc)
+        if task == "qa":
+            return self.qa(doc, questions)
+        if task == "rag":
+            return self.rag([doc], questions)
+        raise ValueError(f"unknown task {task!r}")
