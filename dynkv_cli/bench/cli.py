@@ -3,3 +3,7 @@
 import typer
 
 bench_app = typer.Typer(help="Benchmarks: accuracy against budget, speed and memory.", no_args_is_help=True)
+
+from .quality import quality_command  # noqa: E402
+
+bench_app.command("quality")(quality_command)

@@ -1,0 +1,714 @@
+"""`dynkv bench quality`: accuracy against budget for every method, on the same seeded examples.
+
+    for each task x length: examples = make_suite([task], length, n, seed, "eval", tokenizer)
+        for each example: tokenise the document once (ids exactly as in training: BOS + document, then
+            the suffix "\\n<question>\\nAnswer:" tokenised on its own)
+            full KV once -> reference prediction
+            for each method x budget: compress the ids with the question as probe, ask, score
+
+Everything that was measured goes into one :class:`QualityResult`: every prediction, the accuracy table
+(task x method x budget, per length), the per-layer budgets DynamicKV chose for each task, and the
+issue's targets checked against the table. The console output (tables, layer charts) and the JSON are
+both made from it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import typer
+
+from ..config import CompressionSettings, GenerationSettings, RetentionSettings
+from ..engine import CompressedDocument, Engine
+from ..errors import UsageError
+from ..model import LoadedModel
+from ..prompt import TaskPrompt, encode, prompt_ids
+from .tasks import TASKS, Example, format_prompt, make_suite, score, suite_seed
+
+FULL = "full"
+DEFAULT_BUDGETS = ("0.9%", "1.7%", "6.9%")
+#: The issue's targets are checked at this length (and reported for every measured length).
+TARGET_LENGTH = 8192
+NEEDLE_CATEGORY = "retrieval"
+MIX_SUFFIX = "+mix"
+
+#: answer_fn(engine, compressed document, example, generation) -> prediction text
+AnswerFn = Callable[[Engine, CompressedDocument, Example, GenerationSettings], str]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing the command's words
+
+
+def parse_length(word: str) -> int:
+    """``4k`` -> 4096, ``8K`` -> 8192, ``512`` -> 512."""
+    w = word.strip().lower()
+    try:
+        if w.endswith("k"):
+            n = int(float(w[:-1]) * 1024)
+        else:
+            n = int(w)
+    except ValueError:
+        raise UsageError(f"length {word!r} is not a length; write tokens like 512, 4k or 8k") from None
+    if n < 64:
+        raise UsageError(f"length {word!r} is too short; give at least 64 tokens")
+    return n
+
+
+def split_words(text: str | None) -> list[str]:
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def resolve_tasks(text: str | None) -> list[str]:
+    names = split_words(text)
+    if not names or names == ["all"]:
+        return list(TASKS)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    return names
+
+
+def resolve_methods(text: str | None, mix: bool = False) -> list[str]:
+    """Method names from ``dynkv_cli.methods.METHODS`` (read at run time: methods register themselves).
+
+    ``full`` is always measured (it is the reference) and is not listed here. With ``mix`` every method
+    that scores with attention is measured a second time with MixKV mixing, as ``<method>+mix``.
+    """
+    from ..methods import METHODS
+
+    names = split_words(text)
+    if not names or names == ["all"]:
+        names = list(METHODS)
+    unknown = [n for n in names if n.removesuffix(MIX_SUFFIX) not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    out = [n for n in dict.fromkeys(names) if n != FULL]
+    if mix:
+        for n in list(out):
+            cls = METHODS[n.removesuffix(MIX_SUFFIX)]
+            if not n.endswith(MIX_SUFFIX) and cls.compresses and cls.uses_attention and n + MIX_SUFFIX not in out:
+                out.append(n + MIX_SUFFIX)
+    return out
+
+
+def resolve_budgets(text: str | None) -> list[str]:
+    from ..budget import parse_budget
+
+    words = split_words(text) or list(DEFAULT_BUDGETS)
+    for w in words:
+        parse_budget(w)
+    return words
+
+
+# ----------------------------------------------------------------------------------------------
+# One example: prompt, ids, scoring
+
+
+@dataclass
+class PreparedExample:
+    example: Example
+    index: int
+    seed: int
+    length: int
+    prompt: TaskPrompt
+    doc_ids: list[int]
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    answer_tokens: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prefix_ids) + len(self.doc_ids) + len(self.suffix_ids)
+
+
+def training_ids(tokenizer, example: Example) -> list[int]:
+    """Prompt ids exactly as the bundled model was trained on them (``train.encode_example``):
+    the document tokenised with the tokenizer's special tokens (BOS), the suffix tokenised on its own."""
+    doc, suffix = format_prompt(example)
+    ids = list(tokenizer(doc)["input_ids"])
+    return ids + encode(tokenizer, suffix)
+
+
+def task_prompt(example: Example) -> TaskPrompt:
+    """The suite's prompt as a :class:`TaskPrompt`: no template, the suffix with ``{question}`` in it."""
+    _, suffix = format_prompt(example)
+    if example.question not in suffix:
+        raise UsageError(f"the {example.task} suffix does not contain its question; cannot build a probe")
+    return TaskPrompt(
+        system=None,
+        before_document="",
+        after_document=suffix.replace(example.question, "{question}", 1),
+        answer_prefix="",
+        use_chat_template=False,
+    )
+
+
+def prepare(tokenizer, example: Example, index: int, seed: int, length: int) -> PreparedExample:
+    """Tokenise the document once; check the ids the engine will see equal the training ids."""
+    doc, _ = format_prompt(example)
+    prompt = task_prompt(example)
+    doc_ids = encode(tokenizer, doc)
+    p = prompt_ids(tokenizer, prompt, example.question)
+    seen = p.prefix + doc_ids + p.suffix
+    if seen != training_ids(tokenizer, example):
+        raise UsageError(
+            f"{example.task}: the engine's token ids (prefix + document + suffix) differ from the training "
+            "format; the tokenizer merges across the document/suffix boundary"
+        )
+    answer_tokens = len(encode(tokenizer, " " + example.answer))
+    return PreparedExample(example, index, seed, length, prompt, doc_ids, p.prefix, p.suffix, answer_tokens)
+
+
+def generate_answer(engine: Engine, doc: CompressedDocument, example: Example, gen: GenerationSettings) -> str:
+    """Default answer function: greedy decoding from the compressed cache."""
+    return engine.ask(doc, example.question, generation=gen).text.strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class Prediction:
+    task: str
+    length: int
+    example_index: int
+    seed: int  # the example's seed (eval split)
+    method: str  # "full", a method name, or "<method>+mix"
+    budget: str  # the budget word ("full" for the reference)
+    budget_tokens: int | None  # B (None: nothing dropped)
+    doc_tokens: int
+    prediction: str
+    answer: str
+    score: float
+    kept_tokens: int  # document entries kept, summed over layers, per KV head
+    kept_per_layer: list[int]
+    bytes: int  # cache bytes after compression
+    full_kv_bytes: int
+    depth: float
+    seconds: float
+
+
+@dataclass
+class QualityResult:
+    model: str
+    tasks: list[str]
+    lengths: list[int]
+    budgets: list[str]
+    methods: list[str]
+    examples: int
+    seed: int
+    chunk_size: int
+    num_layers: int
+    command: str = ""
+    predictions: list[Prediction] = field(default_factory=list)
+    seconds: float = 0.0
+
+    # ---- aggregation -------------------------------------------------------------------------
+    def accuracy(self, length: int, task: str, method: str, budget: str) -> float | None:
+        """Mean score in percent; ``full`` ignores the budget."""
+        b = FULL if method == FULL else budget
+        xs = [
+            p.score
+            for p in self.predictions
+            if p.length == length and p.task == task and p.method == method and p.budget == b
+        ]
+        return 100.0 * sum(xs) / len(xs) if xs else None
+
+    def average(self, length: int, method: str, budget: str, tasks: Sequence[str] | None = None) -> float | None:
+        vals = [self.accuracy(length, t, method, budget) for t in (tasks or self.tasks)]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def table(self) -> dict:
+        """``{length: {budget: {method: {task: acc, "average": acc, "pct_of_full": pct}}}}``."""
+        out: dict = {}
+        for length in self.lengths:
+            full_avg = self.average(length, FULL, FULL)
+            per_budget: dict = {}
+            for budget in self.budgets:
+                per_method: dict = {}
+                for method in [FULL, *self.methods]:
+                    row = {t: _r(self.accuracy(length, t, method, budget)) for t in self.tasks}
+                    avg = self.average(length, method, budget)
+                    row["average"] = _r(avg)
+                    row["pct_of_full"] = _r(100.0 * avg / full_avg) if avg is not None and full_avg else None
+                    per_method[method] = row
+                per_budget[budget] = per_method
+            out[str(length)] = per_budget
+        return out
+
+    def layer_budgets(self) -> dict:
+        """The per-layer budgets DynamicKV chose: ``{length: {budget: {task: profile}}}``.
+
+        A profile is the average kept entries per layer (per KV head) over the task's examples, and the
+        same divided by ``B`` (1.0 = the average layer). ``distances`` compares tasks: the mean total
+        variation distance between per-task profiles (each normalised to sum 1) against the mean distance
+        between examples (seeds) of the same task. Task-dependence means between >> within.
+        """
+        out: dict = {}
+        methods = [m for m in self.methods if m.removesuffix(MIX_SUFFIX) == "dynamickv"]
+        for method in methods:
+            for length in self.lengths:
+                for budget in self.budgets:
+                    per_task: dict = {}
+                    shares: dict[str, list[list[float]]] = {}
+                    for task in self.tasks:
+                        ps = [
+                            p
+                            for p in self.predictions
+                            if p.length == length
+                            and p.task == task
+                            and p.method == method
+                            and p.budget == budget
+                            and p.budget_tokens
+                        ]
+                        if not ps:
+                            continue
+                        L = len(ps[0].kept_per_layer)
+                        mean = [sum(p.kept_per_layer[j] for p in ps) / len(ps) for j in range(L)]
+                        rel = [sum(p.kept_per_layer[j] / p.budget_tokens for p in ps) / len(ps) for j in range(L)]
+                        shares[task] = [_share(p.kept_per_layer) for p in ps]
+                        per_task[task] = {
+                            "examples": len(ps),
+                            "budget_tokens": _r(sum(p.budget_tokens for p in ps) / len(ps)),
+                            "kept_per_layer": [_r(x) for x in mean],
+                            "relative_to_budget": [_r(x, 3) for x in rel],
+                        }
+                    if per_task:
+                        key = f"{method}@{budget}" if method != "dynamickv" else budget
+                        out.setdefault(str(length), {})[key] = {
+                            "tasks": per_task,
+                            "distances": profile_distances(shares),
+                        }
+        return out
+
+    def targets(self, length: int = TARGET_LENGTH) -> list[dict]:
+        return check_targets(self, length)
+
+    def to_dict(self) -> dict:
+        d = {
+            "command": self.command,
+            "model": self.model,
+            "tasks": self.tasks,
+            "lengths": self.lengths,
+            "budgets": self.budgets,
+            "methods": [FULL, *self.methods],
+            "examples_per_cell": self.examples,
+            "seed": self.seed,
+            "chunk_size": self.chunk_size,
+            "num_layers": self.num_layers,
+            "seconds": round(self.seconds, 1),
+            "table": self.table(),
+            "layer_budgets": self.layer_budgets(),
+            "targets": {str(n): self.targets(n) for n in self.lengths},
+            "predictions": [asdict(p) for p in self.predictions],
+        }
+        return d
+
+
+def _r(x: float | None, nd: int = 2) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _share(kept: list[int]) -> list[float]:
+    s = sum(kept)
+    return [k / s for k in kept] if s else [0.0] * len(kept)
+
+
+def _tv(a: list[float], b: list[float]) -> float:
+    return 0.5 * sum(abs(x - y) for x, y in zip(a, b))
+
+
+def profile_distances(shares: dict[str, list[list[float]]]) -> dict:
+    """Total-variation distances between layer-budget profiles: between tasks vs between seeds of one task."""
+    means = {t: [sum(col) / len(col) for col in zip(*ps)] for t, ps in shares.items() if ps}
+    between = [_tv(means[a], means[b]) for a, b in itertools.combinations(sorted(means), 2)]
+    within = [_tv(x, y) for ps in shares.values() for x, y in itertools.combinations(ps, 2)]
+    b = statistics.fmean(between) if between else None
+    w = statistics.fmean(within) if within else None
+    pairs = sorted(
+        ((round(_tv(means[a], means[c]), 4), a, c) for a, c in itertools.combinations(sorted(means), 2)),
+        reverse=True,
+    )
+    return {
+        "between_tasks": _r(b, 4),
+        "within_task": _r(w, 4),
+        "ratio": _r(b / w, 2) if b is not None and w else None,
+        "most_different": [{"tasks": [a, c], "distance": d} for d, a, c in pairs[:3]],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets (issue 4), checked against the measured table
+
+
+def check_targets(result: QualityResult, length: int = TARGET_LENGTH) -> list[dict]:
+    """The issue's three targets at ``length``: met / missed / not measured, with the numbers."""
+    out: list[dict] = []
+    has = set(result.methods)
+    needle = [t for t in result.tasks if TASKS[t].category == NEEDLE_CATEGORY]
+    if length not in result.lengths:
+        return out
+
+    # 1. dynamickv at 1.7% keeps >= 90% of full-KV accuracy on average
+    t1 = {"target": "dynamickv at 1.7% keeps >= 90% of full-KV accuracy (average over tasks)", "length": length}
+    if "dynamickv" in has and "1.7%" in result.budgets:
+        d, f = result.average(length, "dynamickv", "1.7%"), result.average(length, FULL, FULL)
+        pct = 100.0 * d / f if f else None
+        t1.update(dynamickv=_r(d), full=_r(f), pct_of_full=_r(pct), met=pct is not None and pct >= 90.0)
+    else:
+        t1["met"] = None
+    out.append(t1)
+
+    # 2. at 0.9% beats snapkv and pyramidkv by >= 10 points on the needle tasks
+    t2 = {
+        "target": "dynamickv at 0.9% beats snapkv and pyramidkv by >= 10 points (average over needle tasks)",
+        "length": length,
+        "tasks": needle,
+    }
+    others = [m for m in ("snapkv", "pyramidkv") if m in has]
+    if "dynamickv" in has and "0.9%" in result.budgets and others and needle:
+        d = result.average(length, "dynamickv", "0.9%", needle)
+        t2["dynamickv"] = _r(d)
+        margins = {}
+        for m in others:
+            o = result.average(length, m, "0.9%", needle)
+            t2[m] = _r(o)
+            margins[m] = _r(d - o)
+        t2["margin"] = margins
+        t2["met"] = all(v >= 10.0 for v in margins.values()) and len(others) == 2
+    else:
+        t2["met"] = None
+    out.append(t2)
+
+    # 3. never worse than snapkv at the same budget by more than 2 points on any task
+    t3 = {"target": "dynamickv is never worse than snapkv by > 2 points on any task, at any budget", "length": length}
+    if "dynamickv" in has and "snapkv" in has:
+        worst = []
+        for budget in result.budgets:
+            for task in result.tasks:
+                d = result.accuracy(length, task, "dynamickv", budget)
+                s = result.accuracy(length, task, "snapkv", budget)
+                if d is not None and s is not None and d < s - 2.0:
+                    worst.append({"budget": budget, "task": task, "dynamickv": _r(d), "snapkv": _r(s)})
+        t3["violations"] = worst
+        t3["met"] = not worst
+    else:
+        t3["met"] = None
+    out.append(t3)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _settings(method: str, budget: str, chunk_size: int | None, retention: RetentionSettings) -> CompressionSettings:
+    base = method.removesuffix(MIX_SUFFIX)
+    ret = RetentionSettings(**asdict(retention))
+    if method.endswith(MIX_SUFFIX):
+        ret.mix = True
+    return CompressionSettings(method=base, budget=budget, chunk_size=chunk_size, retention=ret)
+
+
+def run_one(
+    lm: LoadedModel,
+    prep: PreparedExample,
+    method: str,
+    budget: str,
+    chunk_size: int | None,
+    retention: RetentionSettings,
+    answer_fn: AnswerFn,
+    max_new_tokens: int | None = None,
+) -> Prediction:
+    """Compress one prepared example with one method and budget, answer, score."""
+    ex = prep.example
+    gen = GenerationSettings(max_new_tokens=max_new_tokens or prep.answer_tokens + 4)
+    engine = Engine(lm, _settings(method, FULL if method == FULL else budget, chunk_size, retention), gen)
+    t0 = time.perf_counter()
+    doc = engine.compress(prep.doc_ids, prep.prompt, question=ex.question)
+    text = answer_fn(engine, doc, ex, gen)
+    st = doc.stats
+    return Prediction(
+        task=ex.task,
+        length=prep.length,
+        example_index=prep.index,
+        seed=prep.seed,
+        method=method,
+        budget=FULL if method == FULL else budget,
+        budget_tokens=st.budget_tokens,
+        doc_tokens=st.doc_tokens,
+        prediction=text,
+        answer=ex.answer,
+        score=float(score(ex, text)),
+        kept_tokens=int(sum(st.kept_per_layer)),
+        kept_per_layer=list(st.kept_per_layer),
+        bytes=int(st.bytes_used),
+        full_kv_bytes=int(st.full_kv_bytes),
+        depth=ex.depth,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+def run_quality(
+    lm: LoadedModel,
+    *,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    budgets: Sequence[str],
+    methods: Sequence[str],
+    examples: int = 1,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    retention: RetentionSettings | None = None,
+    answer_fn: AnswerFn | None = None,
+    max_new_tokens: int | None = None,
+    on_prediction: Callable[[Prediction], None] | None = None,
+    model_name: str = "",
+    command: str = "",
+) -> QualityResult:
+    """Measure every method x budget on the same examples (generated once per task x length, eval split).
+
+    ``full`` runs once per example and serves every budget. Each document is tokenised once.
+    """
+    if examples < 1:
+        raise UsageError(f"--examples must be at least 1 (got {examples})")
+    retention = (retention or RetentionSettings()).validate()
+    answer_fn = answer_fn or generate_answer
+    methods = [m for m in methods if m != FULL]
+    chunk = Engine(lm, CompressionSettings(method=FULL, budget=FULL, chunk_size=chunk_size)).chunk_size
+    result = QualityResult(
+        model=model_name or lm.name,
+        tasks=list(tasks),
+        lengths=list(lengths),
+        budgets=list(budgets),
+        methods=methods,
+        examples=examples,
+        seed=seed,
+        chunk_size=chunk,
+        num_layers=lm.shape.num_layers,
+        command=command,
+    )
+    t0 = time.perf_counter()
+    tok = lm.tokenizer
+    for length in lengths:
+        for task in tasks:
+            suite = make_suite([task], length, examples, seed, "eval", tok)
+            for i, ex in enumerate(suite):
+                prep = prepare(tok, ex, i, suite_seed("eval", seed, task, length, i), length)
+                runs = [(FULL, FULL)] + [(m, b) for m in methods for b in budgets]
+                for method, budget in runs:
+                    p = run_one(lm, prep, method, budget, chunk_size, retention, answer_fn, max_new_tokens)
+                    result.predictions.append(p)
+                    if on_prediction:
+                        on_prediction(p)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def runs_per_example(methods: Sequence[str], budgets: Sequence[str]) -> int:
+    return 1 + len([m for m in methods if m != FULL]) * len(budgets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering (rich)
+
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def _fmt(x: float | None, nd: int = 1) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def accuracy_tables(result: QualityResult) -> list:
+    """One rich table per length x budget: rows = tasks, average, % of full; columns = methods."""
+    from rich.table import Table
+
+    tables = []
+    table = result.table()
+    for length in result.lengths:
+        for budget in result.budgets:
+            rows = table[str(length)][budget]
+            t = Table(title=f"accuracy (%) at {length} tokens, budget {budget}", title_justify="left")
+            t.add_column("task")
+            for m in [FULL, *result.methods]:
+                t.add_column(m, justify="right")
+            for task in result.tasks:
+                t.add_row(task, *[_fmt(rows[m][task]) for m in [FULL, *result.methods]])
+            t.add_section()
+            t.add_row("average", *[_fmt(rows[m]["average"]) for m in [FULL, *result.methods]], style="bold")
+            t.add_row("% of full", *[_fmt(rows[m]["pct_of_full"]) for m in [FULL, *result.methods]])
+            tables.append(t)
+    return tables
+
+
+def _bar(value: float, vmax: float, width: int) -> str:
+    if vmax <= 0:
+        return ""
+    cells = value / vmax * width
+    full = int(cells)
+    frac = cells - full
+    part = _BLOCKS[int(round(frac * 8))] if full < width and frac > 0.06 else ""
+    return "█" * full + part.strip()
+
+
+def layer_chart_lines(result: QualityResult, width: int = 28) -> list[str]:
+    """Plain-text bar charts of the kept entries per layer that DynamicKV chose, one block per task."""
+    lines: list[str] = []
+    for length, per_budget in result.layer_budgets().items():
+        for key, entry in per_budget.items():
+            tasks = entry["tasks"]
+            vmax = max(max(v["relative_to_budget"]) for v in tasks.values())
+            lines.append(f"DynamicKV layer budgets at {length} tokens, budget {key} (kept per layer / B):")
+            for task, v in tasks.items():
+                lines.append(f"  {task} (B={_fmt(v['budget_tokens'], 0)}, {v['examples']} examples)")
+                for j, x in enumerate(v["relative_to_budget"]):
+                    lines.append(f"    L{j:<2} {_bar(x, vmax, width):<{width}} {x:5.2f}")
+            d = entry["distances"]
+            lines.append(
+                "  profile distance (total variation): between tasks "
+                f"{_fmt(d['between_tasks'], 3)}, between seeds of a task {_fmt(d['within_task'], 3)}"
+                + (f", ratio {d['ratio']}" if d["ratio"] is not None else "")
+            )
+            lines.append("")
+    return lines
+
+
+def layer_heatmap(result: QualityResult):
+    """A compact rich table: rows = tasks, columns = layers, cells = kept/B with a block glyph."""
+    from rich.table import Table
+
+    out = []
+    for length, per_budget in result.layer_budgets().items():
+        for key, entry in per_budget.items():
+            tasks = entry["tasks"]
+            L = len(next(iter(tasks.values()))["relative_to_budget"])
+            vmax = max(max(v["relative_to_budget"]) for v in tasks.values()) or 1.0
+            t = Table(title=f"DynamicKV kept per layer / B at {length} tokens, budget {key}", title_justify="left")
+            t.add_column("task")
+            for j in range(L):
+                t.add_column(f"L{j}", justify="right")
+            for task, v in tasks.items():
+                cells = []
+                for x in v["relative_to_budget"]:
+                    g = _BLOCKS[max(1, min(8, math.ceil(x / vmax * 8)))] if x > 0 else " "
+                    cells.append(f"{g} {x:.2f}")
+                t.add_row(task, *cells)
+            d = entry["distances"]
+            t.caption = (
+                f"total-variation distance between task profiles {_fmt(d['between_tasks'], 3)} vs between seeds "
+                f"of one task {_fmt(d['within_task'], 3)}"
+            )
+            out.append(t)
+    return out
+
+
+def target_lines(result: QualityResult, length: int = TARGET_LENGTH) -> list[str]:
+    lines = []
+    for t in result.targets(length):
+        status = {True: "MET", False: "MISSED", None: "not measured"}[t["met"]]
+        detail = {k: v for k, v in t.items() if k not in ("target", "met", "length", "tasks")}
+        lines.append(f"[{status}] {t['target']} @ {t['length']} tokens: {detail}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# The command (registered on ``bench_app`` in ``bench/cli.py``)
+
+
+def quality_command(
+    model: str = typer.Option("examples/model", "--model", "-m", help="model folder (or hub id when online)"),
+    tasks: str = typer.Option("all", "--tasks", help="comma-separated task names, or all"),
+    lengths: str = typer.Option("4k,8k", "--lengths", help="comma-separated lengths in tokens: 512, 4k, 8k"),
+    budgets: str = typer.Option(
+        ",".join(DEFAULT_BUDGETS), "--budgets", help="comma-separated budgets: 0.9%, 1.7%, 6.9% or tokens (128)"
+    ),
+    methods: str = typer.Option("all", "--methods", help="comma-separated methods (default: every method)"),
+    mix: bool = typer.Option(False, "--mix", help="also run every scoring method with MixKV mixing (<m>+mix)"),
+    examples: int = typer.Option(2, "--examples", "-n", help="examples per task x length"),
+    seed: int = typer.Option(0, "--seed", help="suite seed (eval split)"),
+    chunk_size: int | None = typer.Option(None, "--chunk-size", help="tokens per chunk (default 1024 on CPU)"),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: auto)"),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: auto)"),
+    json_out: str | None = typer.Option(None, "--json", help="write every prediction and the tables here"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch"),
+) -> None:
+    """Accuracy against budget for every method, on the same seeded examples (full KV is the reference)."""
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..errors import DynkvError
+    from ..model import load_model
+
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        task_list = resolve_tasks(tasks)
+        length_list = [parse_length(w) for w in split_words(lengths)]
+        if not length_list:
+            raise UsageError("give at least one length (--lengths 4k,8k)")
+        budget_list = resolve_budgets(budgets)
+        method_list = resolve_methods(methods, mix)
+        lm = load_model(model, device=device, dtype=dtype)
+        total = len(length_list) * len(task_list) * examples * runs_per_example(method_list, budget_list)
+        argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name.startswith("dynkv") else []
+        command = "dynkv " + shlex.join(argv) if argv else ""
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            bar = progress.add_task("quality", total=total)
+
+            def tick(p: Prediction) -> None:
+                progress.update(bar, advance=1, description=f"{p.length} {p.task} #{p.example_index} {p.method}")
+
+            result = run_quality(
+                lm,
+                tasks=task_list,
+                lengths=length_list,
+                budgets=budget_list,
+                methods=method_list,
+                examples=examples,
+                seed=seed,
+                chunk_size=chunk_size,
+                on_prediction=tick,
+                model_name=model,
+                command=command,
+            )
+    except DynkvError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    for t in accuracy_tables(result):
+        console.print(t)
+    for t in layer_heatmap(result):
+        console.print(t)
+    for line in layer_chart_lines(result):
+        console.print(line, highlight=False, markup=False)
+    for n in result.lengths:
+        for line in target_lines(result, n):
+            console.print(line, highlight=False, markup=False)
+    console.print(f"{len(result.predictions)} predictions in {result.seconds:.0f}s", highlight=False)
+    if json_out:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        console.print(f"wrote {path}", highlight=False)

@@ -1,0 +1,210 @@
+"""`dynkv bench quality`: the harness scores correctly (tiny random model, short documents, few runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import make_model
+
+from dynkv_cli import load_model
+from dynkv_cli.bench import quality as Q
+from dynkv_cli.bench.tasks import make_example, make_suite, score
+
+LENGTH = 512
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("quality") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def lm(model_path):
+    return load_model(model_path)
+
+
+def _plain_greedy_text(lm, ids: list[int], n: int) -> str:
+    """Plain transformers (SDPA, full KV) greedy continuation, for comparison with the harness's full run."""
+    lm.model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            out = lm.model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=lm.tokenizer.eos_token_id,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
+        return lm.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+    finally:
+        lm.model.set_attn_implementation("dynkv")
+
+
+def test_ids_equal_training_format(lm):
+    """Prefix + document + suffix as the engine sees them == train.encode_example's prompt ids."""
+    from dynkv_cli.bench.train import encode_example, train_tokenizer
+
+    for tok in (lm.tokenizer, train_tokenizer(0, 512)):  # without and with a BOS post-processor
+        for task in ("niah_single", "vt"):
+            ex = make_example(task, 300, 5, tok)
+            prep = Q.prepare(tok, ex, 0, 5, 300)
+            assert prep.prefix_ids + prep.doc_ids + prep.suffix_ids == encode_example(ex, tok)[0]
+            assert prep.prompt.after_document == "\n{question}\nAnswer:"
+
+
+def test_keep_everything_matches_full_prediction_for_prediction(lm):
+    budgets = ["100%", "100000"]  # both keep every document token
+    res = Q.run_quality(
+        lm,
+        tasks=["niah_single", "niah_multivalue"],
+        lengths=[LENGTH],
+        budgets=budgets,
+        methods=["dynamickv", "snapkv", "streamingllm"],
+        examples=1,
+        seed=0,
+        chunk_size=128,
+    )
+    full = {(p.task, p.example_index): p for p in res.predictions if p.method == Q.FULL}
+    assert len(full) == 2
+    others = [p for p in res.predictions if p.method != Q.FULL]
+    assert len(others) == 2 * 3 * len(budgets)
+    for p in others:
+        f = full[(p.task, p.example_index)]
+        assert (p.prediction, p.score, p.kept_per_layer) == (f.prediction, f.score, f.kept_per_layer)
+        assert p.kept_per_layer == [p.doc_tokens] * res.num_layers
+    # the harness's full run is plain greedy decoding over the training-format ids
+    for ex in make_suite(["niah_single"], LENGTH, 1, 0, "eval", lm.tokenizer):
+        prep = Q.prepare(lm.tokenizer, ex, 0, 0, LENGTH)
+        ids = prep.prefix_ids + prep.doc_ids + prep.suffix_ids
+        assert full[("niah_single", 0)].prediction == _plain_greedy_text(lm, ids, prep.answer_tokens + 4)
+
+
+def _needle_span(tok, ex) -> list[int]:
+    """Token indices (in the document) of the pass-key needle sentence."""
+    needle = f"The pass key is {ex.answer}. Remember it. {ex.answer} is the pass key."
+    start = ex.document.index(needle)
+    end = start + len(needle)
+    offs = tok(ex.document, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [i for i, (a, b) in enumerate(offs) if a < end and b > start]
+
+
+def test_dropping_the_needle_fails_it(lm):
+    """StreamingLLM with a tiny budget on a mid-document needle: the needle is not in the cache and an
+    oracle that reads only the kept tokens cannot answer (score 0); with full KV the same oracle scores 1."""
+    tok = lm.tokenizer
+    ex = next(e for s in range(200) if 0.3 < (e := make_example("niah_single", LENGTH, s, tok)).depth < 0.7)  # noqa: B023
+    prep = Q.prepare(tok, ex, 0, 0, LENGTH)
+    needle = _needle_span(tok, ex)
+    seen = {}
+
+    def oracle(engine, doc, example, gen):
+        P = doc.cache.prefix_len
+        kept = sorted({int(x) - P for layer in doc.cache.layers for x in layer.positions[:, P:].reshape(-1)})
+        seen[doc.settings.method] = kept
+        text = tok.decode([prep.doc_ids[i] for i in kept])
+        return example.answer if example.answer in text else "unknown"
+
+    keep = Q.run_one(lm, prep, "streamingllm", "16", 128, Q.RetentionSettings(), oracle)
+    assert not set(needle) & set(seen["streamingllm"])
+    assert keep.prediction == "unknown" and keep.score == 0.0
+    assert keep.kept_per_layer == [16] * lm.shape.num_layers
+    full = Q.run_one(lm, prep, Q.FULL, Q.FULL, 128, Q.RetentionSettings(), oracle)
+    assert set(needle) <= set(seen["full"])
+    assert full.prediction == ex.answer and full.score == 1.0
+    # the scoring path: a wrong or partial answer scores 0, the answer with spacing noise scores 1
+    assert score(ex, str(int(ex.answer) + 1)) == 0.0
+    assert score(ex, ex.answer[:-1]) == 0.0
+    assert score(ex, f" {ex.answer} \nmore") == 1.0
+
+
+def _fake(task, method, budget, s, length=8192, kept=None):
+    return Q.Prediction(task, length, 0, 1, method, budget, 10, 1000, "", "", s, 60, kept or [10] * 6, 0, 0, 0.5, 0.0)
+
+
+def test_targets_and_distances_from_a_table():
+    tasks = ["niah_single", "vt"]
+    r = Q.QualityResult("m", tasks, [8192], ["0.9%", "1.7%"], ["dynamickv", "snapkv", "pyramidkv"], 1, 0, 1024, 6)
+    for t in tasks:
+        r.predictions.append(_fake(t, "full", "full", 1.0))
+        r.predictions.append(_fake(t, "dynamickv", "1.7%", 1.0 if t == "vt" else 0.8, kept=[20, 10, 10, 10, 5, 5]))
+        r.predictions.append(_fake(t, "snapkv", "1.7%", 1.0))
+        r.predictions.append(_fake(t, "dynamickv", "0.9%", 0.6, kept=[5, 5, 10, 10, 10, 20]))
+        r.predictions.append(_fake(t, "snapkv", "0.9%", 0.4))
+        r.predictions.append(_fake(t, "pyramidkv", "0.9%", 0.55))
+    tab = r.table()["8192"]
+    assert tab["1.7%"]["dynamickv"]["average"] == 90.0 and tab["1.7%"]["dynamickv"]["pct_of_full"] == 90.0
+    t1, t2, t3 = r.targets(8192)
+    assert t1["met"] is True
+    assert t2["margin"] == {"snapkv": 20.0, "pyramidkv": 5.0} and t2["met"] is False
+    assert t3["met"] is False and t3["violations"] == [
+        {"budget": "1.7%", "task": "niah_single", "dynamickv": 80.0, "snapkv": 100.0}
+    ]
+    lb = r.layer_budgets()["8192"]
+    assert lb["1.7%"]["tasks"]["vt"]["relative_to_budget"] == [2.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+    assert lb["1.7%"]["distances"]["between_tasks"] == 0.0
+    d = Q.profile_distances({"a": [[0.5, 0.5], [0.7, 0.3]], "b": [[0.1, 0.9], [0.1, 0.9]]})
+    assert d["within_task"] == pytest.approx(0.1, abs=1e-4) and d["between_tasks"] == pytest.approx(0.5, abs=1e-4)
+    assert any("MISSED" in line for line in Q.target_lines(r, 8192))
+
+
+def test_words():
+    assert [Q.parse_length(w) for w in ("512", "4k", "8K")] == [512, 4096, 8192]
+    assert Q.resolve_budgets("0.9%, 128") == ["0.9%", "128"]
+    from dynkv_cli.methods import METHODS
+
+    assert Q.resolve_methods(None) == [m for m in METHODS if m != "full"]
+    assert Q.resolve_methods("snapkv,streamingllm", mix=True) == ["snapkv", "streamingllm", "snapkv+mix"]
+    with pytest.raises(Q.UsageError):
+        Q.resolve_tasks("niah_single,nope")
+
+
+def test_command_end_to_end(model_path, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from dynkv_cli.bench.cli import bench_app
+
+    root = typer.Typer()
+    root.add_typer(bench_app, name="bench")
+    out = tmp_path / "q.json"
+    res = CliRunner().invoke(
+        root,
+        [
+            "bench",
+            "quality",
+            "--model",
+            str(model_path),
+            "--tasks",
+            "niah_single,fact_end",
+            "--lengths",
+            "512",
+            "--budgets",
+            "10%,32",
+            "--methods",
+            "dynamickv,snapkv",
+            "--examples",
+            "1",
+            "--chunk-size",
+            "128",
+            "--json",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "accuracy (%) at 512 tokens, budget 10%" in res.output
+    assert "DynamicKV layer budgets" in res.output
+    data = json.loads(out.read_text())
+    assert data["methods"] == ["full", "dynamickv", "snapkv"]
+    assert len(data["predictions"]) == 2 * (1 + 2 * 2)
+    fields = {"task", "length", "seed", "method", "budget", "prediction", "answer", "score", "kept_tokens", "bytes"}
+    for p in data["predictions"]:
+        assert fields <= set(p)
+        assert p["seed"] >> 62 == 1  # eval split
+    assert set(data["table"]["512"]["10%"]) == {"full", "dynamickv", "snapkv"}
+    assert set(data["layer_budgets"]["512"]) == {"10%", "32"}
+    assert len(data["targets"]["512"]) == 3
+    kept = {p["kept_tokens"] for p in data["predictions"] if p["method"] == "snapkv" and p["budget"] == "32"}
+    assert kept == {32 * 4}
