@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.25 vendors click; its exceptions live there
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import exceptions as _cx
 
 from . import __version__
 from .bench.cli import bench_app
@@ -33,6 +37,9 @@ def _say(line: str) -> None:
     """One line on stderr (plain: no wrapping, so messages stay one line for scripts)."""
     sys.stderr.write(line.rstrip("\n") + "\n")
     sys.stderr.flush()
+
+
+_NoArgs = getattr(_cx, "NoArgsIsHelpError", ())
 
 
 class DynkvGroup(TyperGroup):
@@ -51,17 +58,17 @@ class DynkvGroup(TyperGroup):
                 **extra,
             )
             code = rv if isinstance(rv, int) else 0
-        except click.exceptions.NoArgsIsHelpError as e:
-            click.echo(e.ctx.get_help(), err=True)
+        except _NoArgs as e:
+            sys.stderr.write(e.ctx.get_help() + "\n")
             code = 2
-        except click.UsageError as e:
+        except _cx.UsageError as e:
             where = e.ctx.command_path if e.ctx else "dynkv"
             _say(f"error: {e.format_message()} (see '{where} --help')")
             code = 2
-        except click.ClickException as e:
+        except _cx.ClickException as e:
             _say(f"error: {e.format_message()}")
             code = e.exit_code
-        except click.exceptions.Abort:
+        except typer.Abort:
             _say("error: aborted")
             code = 130
         except (DynkvError, DocumentError) as e:
