@@ -191,6 +191,8 @@ def test_command_end_to_end(model_path, tmp_path):
             "128",
             "--json",
             str(out),
+            "--markdown",
+            str(tmp_path / "q.md"),
         ],
     )
     assert res.exit_code == 0, res.output
@@ -208,3 +210,42 @@ def test_command_end_to_end(model_path, tmp_path):
     assert len(data["targets"]["512"]) == 3
     kept = {p["kept_tokens"] for p in data["predictions"] if p["method"] == "snapkv" and p["budget"] == "32"}
     assert kept == {32 * 4}
+    md = (tmp_path / "q.md").read_text()
+    assert "| task | full | dynamickv | snapkv |" in md and "### Targets" in md
+
+
+def test_a_failing_method_is_recorded_and_skipped(lm):
+    def answer(engine, doc, example, gen):
+        if doc.settings.method == "snapkv":
+            raise RuntimeError("boom")
+        return example.answer
+
+    res = Q.run_quality(
+        lm,
+        tasks=["fact_end"],
+        lengths=[256],
+        budgets=["10%", "20%"],
+        methods=["snapkv", "streamingllm"],
+        examples=2,
+        chunk_size=128,
+        answer_fn=answer,
+    )
+    assert [e["method"] for e in res.errors] == ["snapkv"] and "boom" in res.errors[0]["error"]
+    assert {p.method for p in res.predictions} == {"full", "streamingllm"}
+    assert res.table()["256"]["10%"]["snapkv"]["average"] is None
+    assert res.table()["256"]["20%"]["streamingllm"]["average"] == 100.0
+
+
+def test_rounds_are_the_suite_examples_and_time_limit_keeps_cells_equal(lm):
+    seen = []
+
+    def answer(engine, doc, example, gen):
+        seen.append(example)
+        return ""
+
+    kw = dict(tasks=["fact_end", "fact_start"], lengths=[200], budgets=["10%"], methods=["streamingllm"])
+    res = Q.run_quality(lm, examples=2, chunk_size=128, answer_fn=answer, **kw)
+    suite = make_suite(kw["tasks"], 200, 2, 0, "eval", lm.tokenizer)
+    assert sorted(seen[::2], key=suite.index) == suite and res.examples == 2
+    res = Q.run_quality(lm, examples=3, chunk_size=128, answer_fn=answer, time_limit=1e-6, **kw)
+    assert res.examples == 1 and len(res.predictions) == 2 * 2

@@ -28,7 +28,7 @@ from ..engine import CompressedDocument, Engine
 from ..errors import UsageError
 from ..model import LoadedModel
 from ..prompt import TaskPrompt, encode, prompt_ids
-from .tasks import TASKS, Example, format_prompt, make_suite, score, suite_seed
+from .tasks import TASKS, Example, format_prompt, make_example, score, suite_seed
 
 FULL = "full"
 DEFAULT_BUDGETS = ("0.9%", "1.7%", "6.9%")
@@ -208,6 +208,7 @@ class QualityResult:
     num_layers: int
     command: str = ""
     predictions: list[Prediction] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     # ---- aggregation -------------------------------------------------------------------------
@@ -308,6 +309,7 @@ class QualityResult:
             "table": self.table(),
             "layer_budgets": self.layer_budgets(),
             "targets": {str(n): self.targets(n) for n in self.lengths},
+            "errors": self.errors,
             "predictions": [asdict(p) for p in self.predictions],
         }
         return d
@@ -471,12 +473,19 @@ def run_quality(
     answer_fn: AnswerFn | None = None,
     max_new_tokens: int | None = None,
     on_prediction: Callable[[Prediction], None] | None = None,
+    keep_going: bool = True,
+    time_limit: float | None = None,
     model_name: str = "",
     command: str = "",
 ) -> QualityResult:
     """Measure every method x budget on the same examples (generated once per task x length, eval split).
 
-    ``full`` runs once per example and serves every budget. Each document is tokenised once.
+    ``full`` runs once per example and serves every budget. Each document is tokenised once. With
+    ``keep_going`` a method that raises is recorded in ``errors`` and skipped from then on.
+
+    Examples run in rounds (example ``i`` of every length x task, then ``i + 1``): the same examples as
+    ``make_suite`` gives, in an order that keeps every cell at the same count when ``time_limit`` (seconds)
+    stops the run before the next round would end past it. ``result.examples`` is the rounds completed.
     """
     if examples < 1:
         raise UsageError(f"--examples must be at least 1 (got {examples})")
@@ -498,17 +507,36 @@ def run_quality(
     )
     t0 = time.perf_counter()
     tok = lm.tokenizer
-    for length in lengths:
-        for task in tasks:
-            suite = make_suite([task], length, examples, seed, "eval", tok)
-            for i, ex in enumerate(suite):
-                prep = prepare(tok, ex, i, suite_seed("eval", seed, task, length, i), length)
+    failed: set[str] = set()
+    rounds = 0
+    for i in range(examples):  # round i: example i of every length x task, so a stopped run stays balanced
+        t_round = time.perf_counter()
+        for length in lengths:
+            for task in tasks:
+                ex_seed = suite_seed("eval", seed, task, length, i)
+                prep = prepare(tok, make_example(task, length, ex_seed, tok), i, ex_seed, length)
                 runs = [(FULL, FULL)] + [(m, b) for m in methods for b in budgets]
                 for method, budget in runs:
-                    p = run_one(lm, prep, method, budget, chunk_size, retention, answer_fn, max_new_tokens)
+                    if method in failed:
+                        continue
+                    try:
+                        p = run_one(lm, prep, method, budget, chunk_size, retention, answer_fn, max_new_tokens)
+                    except Exception as e:  # noqa: BLE001 - one broken method must not sink the benchmark
+                        if method == FULL or not keep_going:
+                            raise
+                        failed.add(method)
+                        result.errors.append(
+                            {"method": method, "budget": budget, "task": task, "length": length, "error": repr(e)}
+                        )
+                        continue
                     result.predictions.append(p)
                     if on_prediction:
                         on_prediction(p)
+        rounds += 1
+        now = time.perf_counter()
+        if time_limit and i + 1 < examples and (now - t0) + (now - t_round) > time_limit:
+            break
+    result.examples = rounds
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -619,6 +647,38 @@ def target_lines(result: QualityResult, length: int = TARGET_LENGTH) -> list[str
     return lines
 
 
+def markdown_report(result: QualityResult) -> str:
+    """The tables, the layer-budget charts and the targets as Markdown (for docs/quality.md)."""
+    table = result.table()
+    cols = [FULL, *result.methods]
+    out: list[str] = []
+    for length in result.lengths:
+        for budget in result.budgets:
+            rows = table[str(length)][budget]
+            out.append(f"#### {length} tokens, budget {budget}\n")
+            out.append("| task | " + " | ".join(cols) + " |")
+            out.append("|---|" + "---:|" * len(cols))
+            for task in result.tasks:
+                out.append(f"| {task} | " + " | ".join(_fmt(rows[m][task]) for m in cols) + " |")
+            out.append("| **average** | " + " | ".join(f"**{_fmt(rows[m]['average'])}**" for m in cols) + " |")
+            out.append("| % of full | " + " | ".join(_fmt(rows[m]["pct_of_full"]) for m in cols) + " |")
+            out.append("")
+    out.append("### DynamicKV layer budgets per task\n")
+    out.append("```")
+    out.extend(line.rstrip() for line in layer_chart_lines(result))
+    out.append("```\n")
+    out.append("### Targets\n")
+    for n in result.lengths:
+        for line in target_lines(result, n):
+            out.append(f"- {line}")
+    if result.errors:
+        out.append("\n### Errors\n")
+        out.extend(
+            f"- {e['method']} ({e['task']}, {e['length']}, {e['budget']}): `{e['error']}`" for e in result.errors
+        )
+    return "\n".join(out) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------
 # The command (registered on ``bench_app`` in ``bench/cli.py``)
 
@@ -632,12 +692,16 @@ def quality_command(
     ),
     methods: str = typer.Option("all", "--methods", help="comma-separated methods (default: every method)"),
     mix: bool = typer.Option(False, "--mix", help="also run every scoring method with MixKV mixing (<m>+mix)"),
-    examples: int = typer.Option(2, "--examples", "-n", help="examples per task x length"),
+    examples: int = typer.Option(2, "--examples", "-n", help="examples per task x length (at most)"),
+    time_limit: float | None = typer.Option(
+        None, "--time-limit", help="minutes: start no example round that would end past this"
+    ),
     seed: int = typer.Option(0, "--seed", help="suite seed (eval split)"),
     chunk_size: int | None = typer.Option(None, "--chunk-size", help="tokens per chunk (default 1024 on CPU)"),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: auto)"),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: auto)"),
     json_out: str | None = typer.Option(None, "--json", help="write every prediction and the tables here"),
+    markdown: str | None = typer.Option(None, "--markdown", help="also write the tables and charts as Markdown"),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch"),
 ) -> None:
     """Accuracy against budget for every method, on the same seeded examples (full KV is the reference)."""
@@ -680,6 +744,13 @@ def quality_command(
 
             def tick(p: Prediction) -> None:
                 progress.update(bar, advance=1, description=f"{p.length} {p.task} #{p.example_index} {p.method}")
+                if not err.is_terminal:  # a log line per prediction when the output is a file
+                    err.print(
+                        f"{p.length} {p.task} #{p.example_index} {p.method} {p.budget}: {p.prediction!r} "
+                        f"score {p.score:.2f} ({p.seconds:.1f}s)",
+                        highlight=False,
+                        markup=False,
+                    )
 
             result = run_quality(
                 lm,
@@ -691,6 +762,7 @@ def quality_command(
                 seed=seed,
                 chunk_size=chunk_size,
                 on_prediction=tick,
+                time_limit=time_limit * 60 if time_limit else None,
                 model_name=model,
                 command=command,
             )
@@ -706,9 +778,17 @@ def quality_command(
     for n in result.lengths:
         for line in target_lines(result, n):
             console.print(line, highlight=False, markup=False)
+    for e in result.errors:
+        err.print(f"[yellow]{e['method']} failed[/yellow] ({e['task']}, {e['length']}, {e['budget']}): {e['error']}")
+        err.print("  its later runs were skipped; its cells show '-'", highlight=False)
     console.print(f"{len(result.predictions)} predictions in {result.seconds:.0f}s", highlight=False)
     if json_out:
         path = Path(json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        console.print(f"wrote {path}", highlight=False)
+    if markdown:
+        path = Path(markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown_report(result))
         console.print(f"wrote {path}", highlight=False)
