@@ -79,7 +79,7 @@ def test_keep_everything_matches_full_prediction_for_prediction(lm):
     for ex in make_suite(["niah_single"], LENGTH, 1, 0, "eval", lm.tokenizer):
         prep = Q.prepare(lm.tokenizer, ex, 0, 0, LENGTH)
         ids = prep.prefix_ids + prep.doc_ids + prep.suffix_ids
-        assert full[("niah_single", 0)].prediction == _plain_greedy_text(lm, ids, prep.answer_tokens + 4)
+        assert full[("niah_single", 0)].prediction == _plain_greedy_text(lm, ids, Q.answer_budget(prep))
 
 
 def _needle_span(tok, ex) -> list[int]:

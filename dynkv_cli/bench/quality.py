@@ -165,6 +165,11 @@ def prepare(tokenizer, example: Example, index: int, seed: int, length: int) -> 
     return PreparedExample(example, index, seed, length, prompt, doc_ids, p.prefix, p.suffix, answer_tokens)
 
 
+def answer_budget(prep: PreparedExample) -> int:
+    """New tokens allowed: the answer, its EOS and 4 more (as the training script's evaluation)."""
+    return prep.answer_tokens + 1 + 4
+
+
 def generate_answer(engine: Engine, doc: CompressedDocument, example: Example, gen: GenerationSettings) -> str:
     """Default answer function: greedy decoding from the compressed cache."""
     return engine.ask(doc, example.question, generation=gen).text.strip()
@@ -432,7 +437,7 @@ def run_one(
 ) -> Prediction:
     """Compress one prepared example with one method and budget, answer, score."""
     ex = prep.example
-    gen = GenerationSettings(max_new_tokens=max_new_tokens or prep.answer_tokens + 4)
+    gen = GenerationSettings(max_new_tokens=max_new_tokens or answer_budget(prep))
     engine = Engine(lm, _settings(method, FULL if method == FULL else budget, chunk_size, retention), gen)
     t0 = time.perf_counter()
     doc = engine.compress(prep.doc_ids, prep.prompt, question=ex.question)
