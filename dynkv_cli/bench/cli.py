@@ -7,3 +7,7 @@ bench_app = typer.Typer(help="Benchmarks: accuracy against budget, speed and mem
 from .quality import quality_command  # noqa: E402
 
 bench_app.command("quality")(quality_command)
+
+from .speed import speed_command  # noqa: E402
+
+bench_app.command("speed")(speed_command)
