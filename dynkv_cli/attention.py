@@ -37,6 +37,27 @@ def exact_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
 
 
+def ragged_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    """Exact attention over a :class:`~dynkv_cli.cache.RaggedLayer` (each KV head its own length).
+
+    ``query`` ``[1, H, q, d]`` -> ``[1, H, q, d]``. One query token goes through the ragged decode kernel
+    (flat storage, per-head offsets); a chunk attends head by head.
+    """
+    from .kernels import ragged_decode_attention
+
+    H, q_len = query.shape[1], query.shape[2]
+    G = len(layer.lens)
+    g = H // G
+    if q_len == 1:
+        out = ragged_decode_attention(query[0, :, 0, :], layer.keys, layer.values, layer.offsets, scaling)
+        return out[None, :, None, :].to(query.dtype)
+    outs = []
+    for h in range(G):
+        k, v, _, _ = layer.head(h)
+        outs.append(exact_attention(query[:, h * g : (h + 1) * g], k[None, None], v[None, None], scaling))
+    return torch.cat(outs, dim=1)
+
+
 def dynkv_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -52,10 +73,16 @@ def dynkv_attention(
         raise ValueError("dynkv attention runs one sequence at a time (batch size 1)")
     if kwargs.get("sliding_window"):
         raise ValueError("sliding-window attention layers are not supported by dynkv")
-    out = exact_attention(query, key, value, scaling)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    cache = kwargs.get("dynkv_cache")
+    layer = cache.layers[module.layer_idx] if cache is not None else None
+    if getattr(layer, "ragged", False):
+        out = ragged_attention(query, layer, scaling)
+    else:
+        out = exact_attention(query, key, value, scaling)
     state = kwargs.get("dynkv_state")
     if state is not None:
-        state.after_attention(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        state.after_attention(module.layer_idx, query, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -23,7 +23,9 @@ class RetentionSettings:
         or ``tail`` (SnapKV-style window).
     sink_tokens: StreamingLLM's attention sinks (first document tokens always kept).
     pyramid_beta: PyramidKV's ratio between the largest and smallest layer budget.
-    mix: MixKV mixing of importance and diversity (methods that support it).
+    mix: MixKV mixing of importance and diversity (any method that scores with attention).
+    head_adaptive: DynamicKV heads of a layer compete for the layer's budget (AdaKV-style, ragged storage).
+    adakv_alpha: AdaKV's safeguard toward the uniform share per head.
     """
 
     window: int = 8
@@ -36,6 +38,8 @@ class RetentionSettings:
     sink_tokens: int = 4
     pyramid_beta: float = 20.0
     mix: bool = False
+    head_adaptive: bool = False
+    adakv_alpha: float = 0.2
 
     def validate(self) -> RetentionSettings:
         if self.pooling not in POOLINGS:
@@ -52,6 +56,8 @@ class RetentionSettings:
             raise UsageError(f"r_max must be at least 1 (got {self.r_max})")
         if not 0 <= self.r_min <= 1:
             raise UsageError(f"r_min must be between 0 and 1 (got {self.r_min})")
+        if not 0 <= self.adakv_alpha <= 1:
+            raise UsageError(f"adakv_alpha must be between 0 and 1 (got {self.adakv_alpha})")
         if self.sink_tokens < 0:
             raise UsageError(f"sink_tokens must be >= 0 (got {self.sink_tokens})")
         return self

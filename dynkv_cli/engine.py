@@ -29,6 +29,9 @@ from .config import CompressionSettings, GenerationSettings, RetentionSettings, 
 from .errors import CacheFileError, OutOfMemoryError, UsageError
 from .kernels import observation_scores
 from .methods import METHODS, Method
+from .methods.adakv import head_counts
+from .methods.base import Candidates
+from .methods.mixkv import mix_scores
 from .model import LoadedModel, rotate_keys
 from .prompt import TaskPrompt, encode, prompt_ids
 
@@ -166,18 +169,22 @@ def _rss_bytes() -> int:
 
 
 class _Pass:
-    """State of one forward pass of a chunk (+ probe): scores and compresses each layer after its attention."""
+    """One forward pass of a chunk (+ probe): scores and compresses each layer right after its attention."""
+
+    #: observation queries per block when every chunk query observes (H2O): bounds the [rows x keys] tile
+    OBS_BLOCK = 256
 
     def __init__(
         self,
         cache: CompressedCache,
         method: Method,
+        retention: RetentionSettings,
         n_chunk: int,
         n_probe: int,
         pin_from: int | None,
         n_obs: int,
     ):
-        self.cache, self.method = cache, method
+        self.cache, self.method, self.retention = cache, method, retention
         self.n_chunk, self.n_probe, self.pin_from, self.n_obs = n_chunk, n_probe, pin_from, n_obs
         self.score_seconds = 0.0
 
@@ -186,26 +193,51 @@ class _Pass:
             return torch.zeros_like(positions, dtype=torch.bool)
         return positions >= self.pin_from
 
+    def _observe(self, query: torch.Tensor, keys: torch.Tensor, scaling: float, end: int) -> torch.Tensor:
+        """Observation attention ``[G, end]`` of ``query`` ``[1, H, q, d]`` over ``keys`` ``[G, n, d]``."""
+        if not self.method.observes_all_queries:
+            return observation_scores(query[0, :, query.shape[2] - self.n_obs :], keys, scaling, end)
+        # every chunk query observes, in blocks; chunk query i sits at key index end - n_chunk + i
+        total = keys.new_zeros(keys.shape[0], end, dtype=torch.float32)
+        for a in range(0, self.n_chunk, self.OBS_BLOCK):
+            b = min(a + self.OBS_BLOCK, self.n_chunk)
+            kend = end - self.n_chunk + b
+            total[:, :kend] += observation_scores(query[0, :, a:b], keys[:, :kend], scaling, kend)
+        return total
+
+    def _score(self, l, query, keys, values, positions, previous, scaling, P, end) -> torch.Tensor:
+        """Scores ``[G, end - P]`` of one layer's (or one head's) candidates."""
+        method = self.method
+        att = self._observe(query, keys, scaling, end)[:, P:] if method.uses_attention else None
+        c = Candidates(l, att, positions[:, P:end], previous[:, P:end], self.n_chunk, keys[:, P:end], values[:, P:end])
+        scores = method.score(c)
+        if self.retention.mix and method.uses_attention:
+            scores = mix_scores(scores, c.keys)
+        return scores
+
     def after_attention(self, l: int, query: torch.Tensor, scaling: float) -> None:
-        cache, method = self.cache, self.method
-        layer = cache.layers[l]
-        P = cache.prefix_len
-        end = layer.length - self.n_probe  # candidates: [P, end); the probe's entries follow
-        if not method.compresses:
-            layer.truncate(end)
+        layer = self.cache.layers[l]
+        if not self.method.compresses:
+            layer.truncate(layer.length - self.n_probe)
             return
         t0 = time.perf_counter()
-        G = layer.keys.shape[1]
-        att = None
-        if method.uses_attention:
-            obs = query[0, :, query.shape[2] - self.n_obs :, :]
-            att = observation_scores(obs, layer.keys[0], scaling, end)[:, P:]
-        positions = layer.positions[:, P:end]
-        scores = method.score(l, att, positions, layer.scores[:, P:end], self.n_chunk)
+        if self.cache.ragged:
+            self._compress_ragged(l, layer, query, scaling)
+            self._reallocate_ragged(l)
+        else:
+            self._compress(l, layer, query, scaling)
+            self._reallocate(l)
+        self.score_seconds += time.perf_counter() - t0
+
+    # ---- uniform layers: every head of a layer keeps the same count ------------------------------------
+    def _compress(self, l, layer, query, scaling) -> None:
+        P = self.cache.prefix_len
+        end = layer.length - self.n_probe  # candidates: [P, end); the probe's entries follow
+        G, dev = layer.keys.shape[1], layer.keys.device
+        scores = self._score(l, query, layer.keys[0], layer.values[0], layer.positions, layer.scores, scaling, P, end)
         n_cand = end - P
-        pinned = self._pinned(positions)
-        cap = max(int(method.capacity(l)), int(pinned[0].sum()) if n_cand else 0)
-        dev = layer.keys.device
+        pinned = self._pinned(layer.positions[:, P:end])
+        cap = max(int(self.method.capacity(l)), int(pinned[0].sum()) if n_cand else 0)
         if n_cand > cap:
             idx = torch.topk(scores.masked_fill(pinned, float("inf")), cap, dim=1).indices.sort(dim=1).values
         else:
@@ -213,8 +245,6 @@ class _Pass:
         keep = torch.cat([torch.arange(P, device=dev).expand(G, P), idx + P], dim=1)
         kept_scores = torch.cat([scores.new_zeros(G, P), scores.gather(1, idx)], dim=1)
         layer.select(keep, kept_scores)
-        self._reallocate(l)
-        self.score_seconds += time.perf_counter() - t0
 
     def _reallocate(self, l: int) -> None:
         cache, P = self.cache, self.cache.prefix_len
@@ -226,9 +256,7 @@ class _Pass:
             doc_scores.append(layer.scores[:, P:].masked_fill(pin, float("-inf")))
             pinned.append(int(pin[0].sum()) if pin.shape[1] else 0)
         counts = self.method.reallocate(l, sizes, doc_scores, pinned)
-        if not counts:
-            return
-        for j, b in enumerate(counts):
+        for j, b in enumerate(counts or []):
             if b >= sizes[j]:
                 continue
             layer = cache.layers[j]
@@ -237,6 +265,58 @@ class _Pass:
             G = s.shape[0]
             keep = torch.cat([torch.arange(P, device=s.device).expand(G, P), idx + P], dim=1)
             layer.select(keep)
+
+    # ---- ragged layers: heads of a layer compete for its budget (AdaKV) -------------------------------
+    def _keep_heads(self, layer, scores: list[torch.Tensor], total: int) -> None:
+        """Keep ``total`` document entries over the heads of a ragged layer, heads competing.
+
+        ``scores[h]`` scores head ``h``'s candidates: its entries after the prefix (a probe's entries,
+        which follow them, are dropped).
+        """
+        P = self.cache.prefix_len
+        positions = [layer.head(h)[2][P : P + s.numel()] for h, s in enumerate(scores)]
+        pins = [self._pinned(p) for p in positions]
+        counts = head_counts(
+            [s.masked_fill(pin, float("-inf")) for s, pin in zip(scores, pins)],
+            [int(pin.sum()) for pin in pins],
+            total,
+            self.retention.adakv_alpha,
+        )
+        index, kept = [], []
+        for s, pin, k in zip(scores, pins, counts):
+            dev = s.device
+            idx = torch.topk(s.masked_fill(pin, float("inf")), k).indices.sort().values
+            index.append(torch.cat([torch.arange(P, device=dev), idx + P]))
+            kept.append(torch.cat([s.new_zeros(P), s[idx]]))
+        layer.select_heads(index, kept)
+
+    def _compress_ragged(self, l, layer, query, scaling) -> None:
+        P, G = self.cache.prefix_len, len(layer.lens)
+        g = query.shape[1] // G
+        scores = []
+        for h in range(G):
+            k, v, pos, prev = layer.head(h)
+            end = k.shape[0] - self.n_probe
+            q_h = query[:, h * g : (h + 1) * g]
+            scores.append(self._score(l, q_h, k[None], v[None], pos[None], prev[None], scaling, P, end)[0])
+        self._keep_heads(layer, scores, G * int(self.method.capacity(l)))
+
+    def _reallocate_ragged(self, l: int) -> None:
+        cache, P = self.cache, self.cache.prefix_len
+        sizes = [sum(n - P for n in layer.lens) for layer in cache.layers]
+        doc_scores, pinned = [], []
+        for j in range(l + 1):
+            layer = cache.layers[j]
+            s = torch.cat([layer.head(h)[3][P:] for h in range(len(layer.lens))])
+            pin = self._pinned(torch.cat([layer.head(h)[2][P:] for h in range(len(layer.lens))]))
+            doc_scores.append(s.masked_fill(pin, float("-inf"))[None])
+            pinned.append(int(pin.sum()))
+        G = len(cache.layers[0].lens)
+        counts = self.method.reallocate(l, sizes, doc_scores, pinned, unit=G)
+        for j, total in enumerate(counts or []):
+            if total < sizes[j]:
+                layer = cache.layers[j]
+                self._keep_heads(layer, [layer.head(h)[3][P:] for h in range(len(layer.lens))], total)
 
 
 class Engine:
@@ -271,7 +351,7 @@ class Engine:
         dev = self.lm.device
         pos = torch.arange(cache.next_pos, cache.next_pos + len(ids), device=dev)
         cache.pending_positions = pos
-        kwargs = {"dynkv_state": state} if state is not None else {}
+        kwargs = {"dynkv_cache": cache, "dynkv_state": state} if state is not None else {"dynkv_cache": cache}
         try:
             out = self.lm.model(
                 input_ids=torch.tensor([ids], device=dev),
@@ -363,7 +443,12 @@ class Engine:
         B = budget.resolve(total, lm.cache_bytes_per_token())
         method = self._method(B, settings.method)
         probe_ids: list[int] = []
-        if method.compresses and method.uses_attention and settings.retention.observation == "probe":
+        if (
+            method.compresses
+            and method.uses_attention
+            and method.wants_probe
+            and settings.retention.observation == "probe"
+        ):
             probe_ids = prompt_ids(lm.tokenizer, prompt, probe or question or DEFAULT_PROBE).suffix
             if not probe_ids:
                 raise UsageError("the probe is empty: give a question or a probe text")
@@ -374,7 +459,7 @@ class Engine:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         peak = _rss_bytes()
-        cache = CompressedCache(lm.shape.num_layers)
+        cache = CompressedCache(lm.shape.num_layers, ragged=method.compresses and method.head_adaptive)
         digest = hashlib.sha256()
         t_start = time.perf_counter()
         score_s, n_chunks, seen = 0.0, 0, 0
@@ -387,13 +472,14 @@ class Engine:
             for chunk in chunks:
                 digest.update(torch.tensor(chunk, dtype=torch.int64).numpy().tobytes())
                 self._ensure_positions(cache, len(chunk) + len(probe_ids) + reserve)
-                tail = settings.retention.observation == "tail"
+                pw = min(method.pinned_window, len(chunk)) if method.compresses else 0
                 state = _Pass(
                     cache,
                     method,
+                    settings.retention,
                     n_chunk=len(chunk),
                     n_probe=len(probe_ids),
-                    pin_from=cache.next_pos + len(chunk) - min(window, len(chunk)) if tail else None,
+                    pin_from=cache.next_pos + len(chunk) - pw if pw else None,
                     n_obs=len(probe_ids) if probe_ids else min(window, len(chunk)),
                 )
                 self._forward(chunk + probe_ids, cache, state)

@@ -71,7 +71,7 @@ def _run_one_shot(scores, B, L, r_max, m, monkeypatch):
     settings = RetentionSettings(pooling="none", r_max=r_max, update_interval=m, observation="probe")
     method = DynamicKVMethod(settings, B, L, 1)
     table = {l: torch.tensor([scores[l]]) for l in range(L)}
-    state = _Pass(cache, method, n_chunk=n, n_probe=0, pin_from=None, n_obs=1)
+    state = _Pass(cache, method, settings, n_chunk=n, n_probe=0, pin_from=None, n_obs=1)
     calls = []
 
     def fake_scores(query, keys, scaling, n_candidates):
@@ -133,7 +133,7 @@ def test_floor_enforced(monkeypatch):
         return table[len(calls) - 1]
 
     monkeypatch.setattr("dynkv_cli.engine.observation_scores", fake)
-    state = _Pass(cache, method, n_chunk=20, n_probe=0, pin_from=None, n_obs=1)
+    state = _Pass(cache, method, settings, n_chunk=20, n_probe=0, pin_from=None, n_obs=1)
     for l in range(3):
         _arrive(cache, l, 20)
         state.after_attention(l, torch.zeros(1, 1, 1, 4), 1.0)

@@ -62,44 +62,65 @@ def test_full_budget_equals_plain_forward(models, arch):
     ref_answer = plain_greedy(lm, full, 6)
     gen = GenerationSettings(max_new_tokens=6)
     for chunk in (1 if arch == "llama" else 13, 64, 4096):
-        for method in ("dynamickv", "snapkv", "full"):
+        for method in ("dynamickv", "snapkv", "full", "adakv"):
             eng = Engine(lm, CompressionSettings(method=method, budget="100%", chunk_size=chunk), gen)
             doc = eng.compress(ids, PROMPT, question=QUESTION)
             ans = eng.ask(doc, QUESTION, keep_logits=True)
             assert (ans.first_logits - ref).abs().max().item() < 1e-4, (arch, chunk, method)
             assert ans.token_ids == ref_answer[: len(ans.token_ids)] and len(ans.token_ids) == 6
     # the compressing code path with a budget that keeps everything (length unknown: no shortcut to `full`)
-    eng = Engine(lm, CompressionSettings(method="dynamickv", budget="100000", chunk_size=37), gen)
-    doc = eng.compress(iter([ids[:100], ids[100:]]), PROMPT, question=QUESTION)
-    assert doc.stats.method == "dynamickv" and doc.stats.kept_per_layer == [len(ids)] * lm.shape.num_layers
-    ans = eng.ask(doc, QUESTION, keep_logits=True)
-    assert (ans.first_logits - ref).abs().max().item() < 1e-4
+    for method in ("dynamickv", "adakv", "h2o"):
+        eng = Engine(lm, CompressionSettings(method=method, budget="100000", chunk_size=37), gen)
+        doc = eng.compress(iter([ids[:100], ids[100:]]), PROMPT, question=QUESTION)
+        assert doc.stats.method == method and doc.stats.kept_per_layer == [len(ids)] * lm.shape.num_layers
+        ans = eng.ask(doc, QUESTION, keep_logits=True)
+        assert (ans.first_logits - ref).abs().max().item() < 1e-4
+        assert ans.token_ids == ref_answer
+
+
+def _head_entries(layer, h):
+    """Keys [n, d], values [n, d] and positions [n] of KV head ``h`` of a uniform or ragged layer."""
+    if getattr(layer, "ragged", False):
+        k, v, pos, _ = layer.head(h)
+        return k, v, pos
+    return layer.keys[0, h], layer.values[0, h], layer.positions[h]
 
 
 def _explicit_mask_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-    """Reference: eager attention with an explicit mask built from original positions (key pos <= query pos)."""
+    """Reference: eager attention per KV head with an explicit mask from original positions (key pos <= query pos).
+
+    It reads the kept entries straight from the cache layer (after this call's tokens were appended).
+    """
     layer = kw["ref_cache"].layers[module.layer_idx]
     qpos = kw["ref_qpos"]  # [q]
-    kpos = layer.positions  # [G, n] (this call's keys are already appended)
-    g = query.shape[1] // key.shape[1]
-    k = key[0].repeat_interleave(g, 0).float()
-    v = value[0].repeat_interleave(g, 0).float()
-    logits = query[0].float() @ k.transpose(1, 2) * scaling  # [H, q, n]
-    visible = kpos.repeat_interleave(g, 0)[:, None, :] <= qpos[None, :, None]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    out = torch.softmax(logits, -1) @ v
+    G = len(layer.lens) if getattr(layer, "ragged", False) else layer.keys.shape[1]
+    g = query.shape[1] // G
+    outs = []
+    for h in range(G):
+        k, v, kpos = _head_entries(layer, h)
+        logits = query[0, h * g : (h + 1) * g].float() @ k.float().T * scaling  # [g, q, n]
+        logits = logits.masked_fill(~(kpos[None, :] <= qpos[:, None])[None], float("-inf"))
+        outs.append(torch.softmax(logits, -1) @ v.float())
+    out = torch.cat(outs, 0)  # [H, q, d]
     return out.to(query.dtype).transpose(0, 1)[None].contiguous(), None
 
 
-def test_ragged_layers_suffix_and_decode_match_explicit_masks(llama):
+@pytest.mark.parametrize("method,head_adaptive", [("dynamickv", False), ("adakv", True), ("dynamickv", True)])
+def test_ragged_layers_suffix_and_decode_match_explicit_masks(llama, method, head_adaptive):
     from transformers import AttentionInterface
 
     AttentionInterface.register("dynkv_ref", _explicit_mask_attention)
     lm = llama
-    eng = Engine(lm, CompressionSettings(method="dynamickv", budget="12", chunk_size=40), GenerationSettings(3))
+    ret = RetentionSettings(head_adaptive=head_adaptive)
+    eng = Engine(
+        lm, CompressionSettings(method=method, budget="12", chunk_size=40, retention=ret), GenerationSettings(3)
+    )
     doc = eng.compress(doc_ids(lm), PROMPT, question=QUESTION)
     lengths = doc.cache.lengths()
-    assert len(set(lengths)) > 1, "layers should hold different numbers of tokens"
+    if head_adaptive:  # heads of a layer hold different numbers of tokens
+        assert doc.cache.ragged and any(len(set(n)) > 1 for n in lengths)
+    else:
+        assert len(set(lengths)) > 1, "layers should hold different numbers of tokens"
     ref_cache = copy.deepcopy(doc.cache)
     suffix = prompt_ids(lm.tokenizer, PROMPT, QUESTION).suffix
     ans = eng.ask(doc, QUESTION, keep_logits=True)
@@ -130,31 +151,51 @@ def test_ragged_layers_suffix_and_decode_match_explicit_masks(llama):
         lm.model.set_attn_implementation("dynkv")
 
 
-@pytest.mark.parametrize("method", ["dynamickv", "snapkv", "pyramidkv", "streamingllm"])
+@pytest.mark.parametrize(
+    "method", ["dynamickv", "snapkv", "pyramidkv", "streamingllm", "h2o", "adakv", "dynamickv+heads", "snapkv+mix"]
+)
 @pytest.mark.parametrize("observation", ["probe", "tail"])
 def test_memory_bounded_after_every_chunk(llama, method, observation):
     lm = llama
     B, w, C = 16, 4, 48
-    ret = RetentionSettings(observation=observation, window=w, r_max=3.0, update_interval=3)
+    method, _, option = method.partition("+")
+    ret = RetentionSettings(
+        observation=observation,
+        window=w,
+        r_max=3.0,
+        update_interval=3,
+        head_adaptive=option == "heads",
+        mix=option == "mix",
+    )
     eng = Engine(lm, CompressionSettings(method=method, budget=str(B), chunk_size=C, retention=ret))
     seen = []
     doc = eng.compress(doc_ids(lm, 500), PROMPT, question=QUESTION, on_progress=seen.append)
     L = lm.shape.num_layers
-    pin = w if observation == "tail" else 0
+    pin = w if observation == "tail" or method == "h2o" else 0
+    G = lm.shape.num_kv_heads
     assert len(seen) == doc.stats.chunks > 5
     for p in seen:
-        assert sum(p.kept_per_layer) <= B * L + pin * L
-        assert max(p.kept_per_layer) <= 3 * B + pin
-    for layer in doc.cache.layers:
-        assert layer.keys.shape[1] == lm.shape.num_kv_heads == 2  # KV heads, never repeated query heads
-        assert torch.all(layer.positions[:, 1:] > layer.positions[:, :-1])  # ascending, no duplicates
+        assert sum(p.kept_per_layer) <= B * L + pin * L + L  # (+L: a ragged layer's mean is rounded)
+        assert max(p.kept_per_layer) <= 3 * B + pin + 1
+    per_head = doc.cache.kept_per_head()
+    for layer, heads in zip(doc.cache.layers, per_head):
+        assert len(heads) == G == 2  # KV heads, never repeated query heads
+        for h in range(G):
+            pos = _head_entries(layer, h)[2]
+            assert torch.all(pos[1:] > pos[:-1])  # ascending, no duplicates
+    if option == "heads" or method == "adakv":
+        assert doc.cache.ragged and sum(sum(h) for h in per_head) <= G * (B + pin) * L
+        # flat storage: bytes are exactly the kept entries, no padding to the longest head
+        es = 2 * lm.shape.head_dim * 4 + 8 + 4
+        assert doc.cache.bytes_used() == es * sum(sum(h) + G * doc.stats.prefix_tokens for h in per_head)
     assert doc.stats.bytes_used == doc.cache.bytes_used() < doc.stats.full_kv_bytes
     if method == "dynamickv":
-        assert sum(doc.stats.kept_per_layer) == B * L
-    if observation == "tail":  # the document's last window is kept in every layer
+        assert sum(sum(h) for h in per_head) == B * L * G
+    if pin:  # the document's last window is kept in every layer and head
         last = doc.stats.prefix_tokens + doc.stats.doc_tokens - 1
         for layer in doc.cache.layers:
-            assert torch.isin(torch.arange(last - w + 1, last + 1), layer.positions[0]).all()
+            for h in range(G):
+                assert torch.isin(torch.arange(last - w + 1, last + 1), _head_entries(layer, h)[2]).all()
 
 
 def test_heads_keep_their_own_tokens(llama):
@@ -175,8 +216,9 @@ def test_several_questions_one_cache(llama):
     assert a2.question == "who owns the garden"
 
 
-def test_save_load_ask_again(llama, models, tmp_path):
-    eng = Engine(llama, CompressionSettings(budget="3%", chunk_size=50), GenerationSettings(max_new_tokens=6))
+@pytest.mark.parametrize("method", ["dynamickv", "adakv"])
+def test_save_load_ask_again(llama, models, tmp_path, method):
+    eng = Engine(llama, CompressionSettings(method=method, budget="3%", chunk_size=50), GenerationSettings(6))
     doc = eng.compress(text_of(300), PROMPT, question=QUESTION, source="doc.txt")
     a = eng.ask(doc, QUESTION, keep_logits=True)
     path = doc.save(tmp_path / "doc.dkv")
@@ -184,6 +226,7 @@ def test_save_load_ask_again(llama, models, tmp_path):
     b = eng.ask(loaded, QUESTION, keep_logits=True)
     assert a.token_ids == b.token_ids and torch.equal(a.first_logits, b.first_logits)
     assert loaded.stats.kept_per_layer == doc.stats.kept_per_layer and loaded.fingerprint == doc.fingerprint
+    assert loaded.cache.kept_per_head() == doc.cache.kept_per_head()
     assert loaded.source == "doc.txt" and loaded.settings.budget == "3%"
     # the file is safetensors with a JSON header, never pickle
     assert path.read_bytes()[8:9] == b"{"

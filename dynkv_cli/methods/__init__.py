@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from .adakv import AdaKVMethod
 from .base import Method
 from .dynamickv import DynamicKVMethod
 from .full import FullMethod
+from .h2o import H2OMethod
 from .pyramidkv import PyramidKVMethod
 from .snapkv import SnapKVMethod
 from .streamingllm import StreamingLLMMethod
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (FullMethod, DynamicKVMethod, SnapKVMethod, PyramidKVMethod, StreamingLLMMethod)
+    m.name: m
+    for m in (
+        FullMethod,
+        DynamicKVMethod,
+        SnapKVMethod,
+        PyramidKVMethod,
+        StreamingLLMMethod,
+        H2OMethod,
+        AdaKVMethod,
+    )
 }
 
 

@@ -123,11 +123,21 @@ class DynamicKVMethod(Method):
         m = self.settings.update_interval
         return (layer_idx + 1) % m == 0 or layer_idx == self.num_layers - 1
 
-    def reallocate(self, layer_idx, sizes, scores, pinned):
-        """``sizes``: kept entries per head of every layer (all ``L``), ``scores``: layers ``0..l``."""
+    @property
+    def head_adaptive(self) -> bool:
+        return self.settings.head_adaptive
+
+    def reallocate(self, layer_idx, sizes, scores, pinned, unit: int = 1):
+        """New counts for layers ``0..l``.
+
+        ``sizes``: kept entries of every layer (all ``L``); ``scores``: layers ``0..l``. With ``unit == 1``
+        counts are per KV head (``scores`` ``[G, n]``); with ragged layers ``unit == G`` and counts are
+        per layer over all heads (``scores`` ``[1, G * n]``).
+        """
         if not self.is_update_layer(layer_idx):
             return None
-        total = self.budget * self.num_layers
+        total = self.budget * unit * self.num_layers
         available = total - sum(sizes[layer_idx + 1 :])
-        floor = ceil_int(self.settings.r_min * self.budget) if self.settings.r_min > 0 else 0
-        return progressive_counts(scores, pinned, available, self.budget, self.num_kv_heads, floor)
+        floor = ceil_int(self.settings.r_min * self.budget) * unit if self.settings.r_min > 0 else 0
+        heads = self.num_kv_heads if unit == 1 else 1
+        return progressive_counts(scores, pinned, available, self.budget * unit, heads, floor)

@@ -9,7 +9,7 @@ class StreamingLLMMethod(Method):
     name = "streamingllm"
     uses_attention = False
 
-    def score(self, layer_idx, attention, positions, previous, n_new):
-        s = positions.to(torch.float32).clone()
+    def score(self, c):
+        s = c.positions.to(torch.float32).clone()
         s[:, : self.settings.sink_tokens] = float("inf")  # entries are sorted: the first are the sinks
         return s
