@@ -247,6 +247,8 @@ class _Pass:
         layer.select(keep, kept_scores)
 
     def _reallocate(self, l: int) -> None:
+        if not self.method.is_update_layer(l):
+            return
         cache, P = self.cache, self.cache.prefix_len
         sizes = cache.kept_per_layer()
         doc_scores, pinned = [], []
@@ -302,6 +304,8 @@ class _Pass:
         self._keep_heads(layer, scores, G * int(self.method.capacity(l)))
 
     def _reallocate_ragged(self, l: int) -> None:
+        if not self.method.is_update_layer(l):
+            return
         cache, P = self.cache, self.cache.prefix_len
         sizes = [sum(n - P for n in layer.lens) for layer in cache.layers]
         doc_scores, pinned = [], []
