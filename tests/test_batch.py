@@ -146,3 +146,30 @@ def test_questions_for_records():
     assert questions_for(doc, []) == ["q?"]
     doc.record = {"context": "doc", "questions": ["a?", "b?"]}
     assert questions_for(doc, []) == ["a?", "b?"]
+
+
+def test_example_batch_script(model, tmp_path):
+    """examples/batch.sh over examples/docs: exit code 0 and one line per document."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "results.jsonl"
+    env = {
+        **os.environ,
+        "DYNKV_MODEL": str(model),
+        "DYNKV_CONFIG_DIR": str(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    r = subprocess.run(
+        ["bash", str(root / "examples" / "batch.sh"), str(root / "examples" / "docs"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "all documents summarized" in r.stdout
+    assert len(jsonl(out)) == len(list((root / "examples" / "docs").iterdir()))
