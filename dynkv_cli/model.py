@@ -137,6 +137,14 @@ def load_model(
             else str(e).splitlines()[0]
         )
         raise ModelLoadError(f"cannot load model {name!r}: {hint}; give a local folder made by save_pretrained") from e
+    layer_types = getattr(config, "layer_types", None) or []
+    if "sliding_attention" in layer_types or (
+        config.model_type == "mistral" and getattr(config, "sliding_window", None)
+    ):
+        raise ModelLoadError(
+            f"{name}: sliding-window attention layers are not supported by dynkv (its cache keeps tokens from the "
+            "whole document); use a model with full attention in every layer"
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise ModelLoadError(f"{name}: encoder-decoder models are not supported; use a decoder-only causal LM")
     try:

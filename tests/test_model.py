@@ -40,3 +40,14 @@ def test_loads_with_defaults_and_overrides(tmp_path):
     assert pick_dtype(None, torch.device("cpu")) == torch.float32
     with pytest.raises(UsageError, match="dtype"):
         pick_dtype("int3", torch.device("cpu"))
+
+
+def test_sliding_window_models_are_refused(tmp_path):
+    import json
+
+    src = make_model(tmp_path / "m", "mistral", layers=1)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["sliding_window"] = 64
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="sliding-window"):
+        load_model(src)
