@@ -310,13 +310,12 @@ def _runner(opts: Options, profile, view, stream: bool):
     return TaskRunner(load(opts), profile, hooks)
 
 
-def _render_answers(result, many: bool, streamed: bool) -> list[str]:
+def _render_answers(result, many: bool) -> list[str]:
     lines = []
     for a in result.answers:
         if many:
             lines.append(f"Q: {a.question}")
-        if not streamed:
-            lines.append(a.text.strip())
+        lines.append(a.text.strip())
         if many:
             lines.append("")
     return lines
@@ -423,7 +422,10 @@ def qa(
         result = runner.qa(target, question)
     if stream:
         sys.stdout.write("\n")
-    lines = [json.dumps(result.to_dict(), ensure_ascii=False)] if opts.json else _render_answers(result, many, stream)
+    if opts.json:
+        lines = [json.dumps(result.to_dict(), ensure_ascii=False)]
+    else:
+        lines = [] if stream else _render_answers(result, many)
     _emit(lines, out)
     view.done(result)
 
@@ -487,14 +489,14 @@ def rag(
     else:
         lines = []
         for a in result.answers:
-            if many:
+            if many and not stream:
                 lines.append(f"Q: {a.question}")
             if not stream:
                 lines.append(a.text.strip())
             cited = result.cited(a)
             if cited:
                 lines.append("Sources: " + "; ".join(f"[{result.sources.index(s) + 1}] {s}" for s in cited))
-            if many:
+            if many and not stream:
                 lines.append("")
     _emit(lines, out)
     view.done(result)

@@ -170,7 +170,7 @@ def test_profiles_list_and_show():
     assert show.exit_code == 0 and "passage_header" in show.stdout and "retention:" in show.stdout
     assert json.loads(invoke(["profiles", "show", "qa", "--json"]).stdout)["questions"] == "shared"
     bad = invoke(["profiles", "show", "nope"])
-    assert bad.exit_code == 2 and "available: code, needle, qa, rag, summarize" in one_error_line(bad)
+    assert bad.exit_code == 2 and "unknown profile 'nope'; available: code, needle, qa, rag" in one_error_line(bad)
 
 
 def test_user_profile_from_config_dir(model, docs, isolated_config):

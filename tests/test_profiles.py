@@ -85,8 +85,10 @@ def test_bad_profiles_name_the_problem(tmp_path, text, message):
 
 
 def test_unknown_profile_lists_the_available():
-    with pytest.raises(UsageError, match="available: code, needle, qa, rag, summarize"):
+    with pytest.raises(UsageError, match="unknown profile 'nope'; available: ") as e:
         load_profile("nope")
+    for name in ("code", "needle", "qa", "rag", "summarize"):
+        assert name in str(e.value)
 
 
 def test_user_config_and_model_resolution(isolated, monkeypatch):
