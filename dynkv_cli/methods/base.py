@@ -74,6 +74,10 @@ class Method:
         """Entries per KV head the layer keeps right after scoring (pinned window included)."""
         return self.budget
 
+    def is_update_layer(self, layer_idx: int) -> bool:
+        """True when :meth:`reallocate` may move budget after this layer (the engine skips the work otherwise)."""
+        return False
+
     def reallocate(
         self, layer_idx: int, sizes: list[int], scores: list[torch.Tensor], pinned: list[int], unit: int = 1
     ):
