@@ -8,7 +8,6 @@ expected failure is one line ``error: ...`` on stderr with exit code 2 (usage) o
 import functools
 import inspect
 import json
-import logging
 import os
 import sys
 import traceback
@@ -223,7 +222,6 @@ def _setup_logging(debug: bool) -> None:
     if debug:
         return
     warnings.filterwarnings("ignore")
-    logging.getLogger("pypdf").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
