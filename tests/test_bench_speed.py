@@ -12,7 +12,15 @@ from typer.testing import CliRunner
 
 from dynkv_cli.bench import speed
 from dynkv_cli.bench.presets import PRESETS, SpeedTokenizer, build_model, preset_config
-from dynkv_cli.bench.speed import REFERENCE, SpeedReport, SpeedRow, add_ratios, parse_lengths, run_speed
+from dynkv_cli.bench.speed import (
+    REFERENCE,
+    SpeedReport,
+    SpeedRow,
+    add_ratios,
+    median_row,
+    parse_lengths,
+    run_speed,
+)
 from dynkv_cli.prompt import TaskPrompt, prompt_ids
 
 METHODS = ["full", "dynamickv", "snapkv", "streamingllm"]
@@ -122,6 +130,47 @@ def test_add_ratios_by_hand():
     assert other_len.prefill_speedup is None  # no reference at that length
     assert failed.decode_speedup is None
     assert ref.prefill_speedup is None
+
+
+def test_median_row_of_repeats():
+    runs = [
+        SpeedRow("dynamickv", 100, prefill_seconds=p, ttft_seconds=p + 1, decode_tokens=5, decode_seconds=d)
+        for p, d in ((2.0, 1.0), (4.0, 2.0), (3.0, 8.0))
+    ]
+    for r, peak in zip(runs, (10, 30, 20)):
+        r.peak_memory_bytes, r.peak_total_bytes, r.baseline_bytes, r.score_seconds = peak, peak + 100, 100, 0.1
+    runs.append(SpeedRow("dynamickv", 100, status="failed", note="killed"))
+    m = median_row(runs)
+    assert (m.prefill_seconds, m.ttft_seconds, m.decode_seconds, m.peak_memory_bytes) == (3.0, 4.0, 2.0, 20)
+    assert m.prefill_tokens_per_s == pytest.approx(100 / 3.0)
+    assert m.decode_tokens_per_s == pytest.approx(4 / 2.0)
+    assert m.score_share == pytest.approx(0.1 / 3.0)
+    assert m.repeats == 3 and len(m.samples) == 3 and "1 of 4 runs failed" in m.note
+
+
+def test_repeats_and_synchronised_score_timer():
+    rep = run_speed(
+        "tiny",
+        methods=["dynamickv"],
+        lengths=[96],
+        budget="16",
+        decode_tokens=3,
+        device="cpu",
+        threads=1,
+        chunk_size=32,
+        isolate=False,
+        warmup=False,
+        measure_matmul=False,
+        repeats=2,
+        sync_score=True,
+    )
+    ref, dyn = rep.rows
+    assert ref.repeats == dyn.repeats == 2 and len(dyn.samples) == 2
+    assert dyn.score_timing == "synchronized" and 0 < dyn.score_seconds < dyn.prefill_seconds
+    assert rep.settings["repeats"] == 2
+    from dynkv_cli import engine
+
+    assert engine._Pass.after_attention.__name__ == "after_attention"  # the timer is removed again
 
 
 def test_json_round_trip(report, tmp_path):

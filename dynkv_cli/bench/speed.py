@@ -20,7 +20,10 @@ question + first greedy token), decode tokens/s (``decode_tokens - 1`` one-token
 cache bytes right after the document (compressed cache: keys, values, positions and scores; reference:
 the ``DynamicCache`` keys and values), the engine's scoring time and its share of prefill, and an
 estimate of the prefill's matrix-product FLOPs with the time they need at the measured matmul rate.
-Ratios are against the full-KV row of the same length, from the same run.
+Ratios are against the full-KV row of the same length, from the same run. With ``--repeats N`` every
+(length, method) runs N times, round robin, and the medians are reported (per-run numbers in the JSON):
+use it on a shared machine. ``--sync-score`` makes the engine's scoring time exact on CUDA (see
+:class:`_score_timer`).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class RunSpec:
     vocab_size: int | None = None
     warmup: bool = True
     threads: int | None = None
+    sync_score: bool = False
 
 
 @dataclass
@@ -108,6 +112,9 @@ class SpeedRow:
     matmul_bound_seconds: float | None = None  # matmul_flops at the measured matmul rate
     tokens: list[int] = field(default_factory=list)  # greedy output ids
     wall_seconds: float = 0.0  # whole measured run (prefill + question + decode)
+    score_timing: str = ""  # "engine timer" or "synchronized" (see --sync-score)
+    repeats: int = 1  # timings and peaks above are medians over this many runs, each in its own process
+    samples: list[dict] = field(default_factory=list)  # per-run prefill/ttft/decode seconds and peak bytes
     # ratios against the full-KV row of the same length (None for the reference itself or when unknown)
     prefill_speedup: float | None = None
     ttft_speedup: float | None = None
@@ -392,6 +399,46 @@ def run_reference(lm, doc: list[int], question: list[int], spec: RunSpec, mem: _
     )
 
 
+class _score_timer:
+    """With ``on``: time the engine's per-layer scoring step with the device synchronised before and after.
+
+    The engine's own timer starts when the host reaches the step; on CUDA the host runs ahead of the
+    device, so the first synchronising call inside the step also waits for the layer's queued work and
+    the engine's ``score_seconds`` is an upper bound. Synchronising around the step makes it exact at the
+    cost of one device stall per layer (prefill gets a little slower).
+    """
+
+    def __init__(self, device: torch.device, on: bool):
+        self.device, self.on = device, on
+        self.total = [0.0]
+
+    def __enter__(self):
+        if not self.on:
+            return None
+        from .. import engine as engine_mod
+
+        self.cls = engine_mod._Pass
+        self.orig = orig = self.cls.after_attention
+        dev, total = self.device, self.total
+
+        def timed(pass_self, *args, **kwargs):
+            _sync(dev)
+            t = time.perf_counter()
+            try:
+                return orig(pass_self, *args, **kwargs)
+            finally:
+                _sync(dev)
+                total[0] += time.perf_counter() - t
+
+        self.cls.after_attention = timed
+        return total
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.cls.after_attention = self.orig
+        return False
+
+
 def run_engine(lm, doc: list[int], spec: RunSpec, mem: _Memory) -> SpeedRow:
     """The method through dynkv's engine: chunked prefill with the probe, the question, greedy decode."""
     from ..config import CompressionSettings, GenerationSettings
@@ -409,10 +456,12 @@ def run_engine(lm, doc: list[int], spec: RunSpec, mem: _Memory) -> SpeedRow:
     mem.start()
     _sync(dev)
     t0 = time.perf_counter()
-    cdoc = engine.compress(doc, prompt, question=QUESTION)
-    _sync(dev)
+    with _score_timer(dev, spec.sync_score and spec.method != "full") as synced:
+        cdoc = engine.compress(doc, prompt, question=QUESTION)
+        _sync(dev)
     prefill = time.perf_counter() - t0
     st = cdoc.stats
+    score_s = synced[0] if synced else st.score_seconds
     answer = engine.ask(cdoc, QUESTION)
     _sync(dev)
     wall = time.perf_counter() - t0
@@ -449,8 +498,9 @@ def run_engine(lm, doc: list[int], spec: RunSpec, mem: _Memory) -> SpeedRow:
         cache_bytes=st.bytes_used,
         full_kv_bytes=st.full_kv_bytes,
         kept_per_layer=list(st.kept_per_layer),
-        score_seconds=st.score_seconds,
-        score_share=st.score_seconds / prefill if prefill > 0 else None,
+        score_seconds=score_s,
+        score_share=score_s / prefill if prefill > 0 else None,
+        score_timing="synchronized" if synced else "engine timer",
         matmul_flops=flops,
         tokens=list(answer.token_ids),
         wall_seconds=wall,
@@ -590,6 +640,8 @@ def run_speed(
     warmup: bool = True,
     threads: int | None = None,
     measure_matmul: bool = True,
+    repeats: int = 1,
+    sync_score: bool = False,
     on_row: Callable[[SpeedRow], None] | None = None,
 ) -> SpeedReport:
     """Measure the full-KV reference and every method at every length; ratios against the reference.
@@ -606,6 +658,8 @@ def run_speed(
     dtype_name = _dtype_name(dtype, str(dev))
     if decode_tokens < 1:
         raise ValueError("decode_tokens must be at least 1")
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
     parse_budget(budget)
     methods = [m for m in methods if m != REFERENCE]
     for m in methods:
@@ -624,17 +678,52 @@ def run_speed(
         vocab_size=vocab_size,
         warmup=warmup,
         threads=threads,
+        sync_score=sync_score,
     )
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run_all(base, methods, list(lengths), isolate, measure_matmul, on_row)
+        return _run_all(base, methods, list(lengths), isolate, measure_matmul, on_row, repeats)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run_all(base: RunSpec, methods, lengths, isolate, measure_matmul, on_row) -> SpeedReport:
+def median_row(runs: list[SpeedRow]) -> SpeedRow:
+    """One row from repeated runs: median times and peaks, rates recomputed; per-run numbers in ``samples``."""
+    import statistics
+    from dataclasses import replace
+
+    ok = [r for r in runs if r.status == "ok"]
+    if not ok:
+        return runs[0]
+    keys = ("prefill_seconds", "ttft_seconds", "decode_seconds", "peak_memory_bytes")
+
+    def med(name):
+        vals = [getattr(r, name) for r in ok]
+        return None if any(v is None for v in vals) else statistics.median(vals)
+
+    out = replace(ok[0])
+    for name in (*keys, "wall_seconds", "score_seconds", "peak_total_bytes", "baseline_bytes"):
+        setattr(out, name, med(name))
+    out.peak_memory_bytes = int(out.peak_memory_bytes)
+    out.peak_total_bytes, out.baseline_bytes = int(out.peak_total_bytes), int(out.baseline_bytes)
+    out.prefill_tokens_per_s = out.doc_tokens / out.prefill_seconds if out.prefill_seconds > 0 else 0.0
+    n_dec = max(0, out.decode_tokens - 1)
+    out.decode_tokens_per_s = n_dec / out.decode_seconds if out.decode_seconds > 0 else 0.0
+    if out.score_seconds is not None:
+        out.score_share = out.score_seconds / out.prefill_seconds if out.prefill_seconds > 0 else None
+    out.repeats = len(ok)
+    out.samples = [{k: getattr(r, k) for k in (*keys, "score_seconds")} for r in ok]
+    if len(ok) < len(runs):
+        bad = [r.note for r in runs if r.status != "ok"]
+        out.note = (out.note + "; " if out.note else "") + f"{len(bad)} of {len(runs)} runs failed: {bad[0]}"
+    if any(r.tokens != ok[0].tokens for r in ok):
+        out.note = (out.note + "; " if out.note else "") + "greedy tokens differ between repeats"
+    return out
+
+
+def _run_all(base: RunSpec, methods, lengths, isolate, measure_matmul, on_row, repeats: int = 1) -> SpeedReport:
     from dataclasses import replace
 
     from ..model import DTYPES
@@ -643,24 +732,30 @@ def _run_all(base: RunSpec, methods, lengths, isolate, measure_matmul, on_row) -
     machine = machine_info(base.device, base.dtype)
     rate = matmul_rate(dev, DTYPES[base.dtype]) if measure_matmul else None
     machine["matmul_flops_per_s"] = rate
-    specs = [replace(base, method=m, length=n) for n in lengths for m in [REFERENCE, *methods]]
     rows: list[SpeedRow] = []
     model_info: dict = {}
     lm = None
     if not isolate:
-        lm, info = _build(specs[0], "dynkv")
+        lm, info = _build(replace(base, method=REFERENCE, length=1), "dynkv")
         model_info = asdict(info)
-    for spec in specs:
-        if isolate:
-            row, info_d = _run_isolated(spec)
-            model_info = model_info or (info_d or {})
-        else:
-            row = measure(lm, spec)
-        if rate and row.status == "ok":
-            row.matmul_bound_seconds = row.matmul_flops / rate
-        rows.append(row)
-        if on_row:
-            on_row(row)
+    for n in lengths:
+        specs = [replace(base, method=m, length=n) for m in [REFERENCE, *methods]]
+        samples: list[list[SpeedRow]] = [[] for _ in specs]
+        for _ in range(repeats):  # round robin: a change in machine load touches every method alike
+            for i, spec in enumerate(specs):
+                if isolate:
+                    row, info_d = _run_isolated(spec)
+                    model_info = model_info or (info_d or {})
+                else:
+                    row = measure(lm, spec)
+                samples[i].append(row)
+                if on_row:
+                    on_row(row)
+        for runs in samples:
+            row = median_row(runs)
+            if rate and row.status == "ok":
+                row.matmul_bound_seconds = row.matmul_flops / rate
+            rows.append(row)
     machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     settings = {
         "preset": base.preset,
@@ -674,6 +769,8 @@ def _run_all(base: RunSpec, methods, lengths, isolate, measure_matmul, on_row) -
         "seed": base.seed,
         "vocab_size": base.vocab_size,
         "threads": base.threads,
+        "repeats": repeats,
+        "sync_score": base.sync_score,
         "isolated_processes": isolate,
         "warmup": base.warmup,
         "question": QUESTION,
@@ -699,7 +796,10 @@ def render_table(report: SpeedReport):
         f"{report.machine['device_name']}, {report.machine['dtype']}, budget {report.settings['budget']}, "
         f"{report.settings['decode_tokens']} decode tokens"
     )
-    t = Table(title=title, caption="(x): ratio against full-kv at the same length; memory = peak growth over weights")
+    t = Table(
+        title=title,
+        caption="(x): the value divided by full-kv's at the same length; peak mem = peak growth over the weights",
+    )
     for col in (
         "tokens",
         "method",
@@ -744,6 +844,10 @@ def speed_command(
     seed: int = typer.Option(0, "--seed"),
     vocab_size: int = typer.Option(0, "--vocab-size", help="override the preset's vocabulary size (0: keep)"),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
+    repeats: int = typer.Option(1, "--repeats", help="runs per method and length (round robin); medians reported"),
+    sync_score: bool = typer.Option(
+        False, "--sync-score", help="synchronise around each scoring step so score time is exact on CUDA"
+    ),
     in_process: bool = typer.Option(False, "--in-process", help="one process for all runs (faster, peaks mix)"),
     json_out: Path = typer.Option(None, "--json", help="write every number and machine info to this file"),
 ) -> None:
@@ -784,6 +888,8 @@ def speed_command(
             vocab_size=vocab_size or None,
             isolate=not in_process,
             threads=threads or None,
+            repeats=repeats,
+            sync_score=sync_score,
             on_row=progress,
         )
     except (UsageError, ValueError) as e:
