@@ -47,9 +47,7 @@ class CompressedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        pos = self._cache.pending_positions
-        if pos is None or pos.numel() != q:
-            pos = torch.arange(self._cache.next_pos, self._cache.next_pos + q)
+        pos = self._cache.new_positions(q)
         G = key_states.shape[1]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -133,10 +131,7 @@ class RaggedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        pos = self._cache.pending_positions
-        if pos is None or pos.numel() != q:
-            pos = torch.arange(self._cache.next_pos, self._cache.next_pos + q)
-        pos = pos.to(self.positions.device)
+        pos = self._cache.new_positions(q).to(self.positions.device)
         ks, vs, ps, ss = [], [], [], []
         for h, (a, b) in enumerate(self._bounds()):
             ks += [self.keys[a:b], key_states[0, h]]
@@ -217,6 +212,13 @@ class CompressedCache(Cache):
         self.next_pos = 0
         self.prefix_len = 0
         self.compactions = 0
+
+    def new_positions(self, q: int) -> torch.Tensor:
+        """Original positions of the ``q`` tokens being appended (set by the engine before a forward)."""
+        pos = self.pending_positions
+        if pos is None or pos.numel() != q:
+            pos = torch.arange(self.next_pos, self.next_pos + q)
+        return pos
 
     # transformers asks these; our attention masks each layer for itself.
     def get_seq_length(self, layer_idx: int = 0) -> int:
