@@ -246,7 +246,7 @@ def _sync(device: torch.device) -> None:
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
     """Measured FLOP/s of a square matrix product on ``device`` in ``dtype`` (best of ``repeats``)."""
-    n = size or (8192 if device.type == "cuda" else 1024)
+    n = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.matmul(a, b)
@@ -258,6 +258,10 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int | None = Non
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best
+
+
+#: Environment variables that change speed or memory (allocator, threads, kernels), recorded with the numbers.
+_ENV_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "KMP_", "PYTORCH_", "CUDA_VISIBLE_DEVICES", "TRITON_", "DYNKV_")
 
 
 def machine_info(device: str, dtype: str) -> dict:
@@ -287,6 +291,7 @@ def machine_info(device: str, dtype: str) -> dict:
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model,
         "dtype": dtype,
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)},
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if dev.type == "cuda":
