@@ -92,7 +92,8 @@ def resolve_methods(text: str | None, mix: bool = False) -> list[str]:
     if mix:
         for n in list(out):
             cls = METHODS[n.removesuffix(MIX_SUFFIX)]
-            if not n.endswith(MIX_SUFFIX) and cls.compresses and cls.uses_attention and n + MIX_SUFFIX not in out:
+            scores = getattr(cls, "compresses", True) and getattr(cls, "uses_attention", True)
+            if not n.endswith(MIX_SUFFIX) and scores and n + MIX_SUFFIX not in out:
                 out.append(n + MIX_SUFFIX)
     return out
 
