@@ -61,7 +61,15 @@ class Profile:
         max_new_tokens: int | None = None,
         questions: str | None = None,
     ) -> Profile:
-        """A copy with the flags that were given (None: keep the profile's value)."""
+        """A copy with the flags that were given (None: keep the profile's value).
+
+        A flag's own bad value is reported as the flag's error, not the profile's.
+        """
+        CompressionSettings(
+            method=method or self.method, budget=budget or self.budget, chunk_size=chunk_size, retention=self.retention
+        ).validate()
+        if max_new_tokens is not None:
+            GenerationSettings(max_new_tokens=max_new_tokens).validate()
         gen = replace(self.generation, stop=list(self.generation.stop))
         if max_new_tokens is not None:
             gen.max_new_tokens = max_new_tokens
