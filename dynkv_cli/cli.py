@@ -164,7 +164,7 @@ _SHARED = {
     "device": (str | None, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N (default: cuda if available).", rich_help_panel=_M)),
     "dtype": (str | None, typer.Option(metavar="DTYPE", help="bf16, fp16 or fp32 (default: bf16/fp16 on GPU, fp32 on CPU).", rich_help_panel=_M)),
     "trust_remote_code": (bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code (only for models you trust).", rich_help_panel=_M)),
-    "method": (str | None, typer.Option(metavar="NAME", help="Compression method: dynamickv, snapkv, pyramidkv, streamingllm, full.", rich_help_panel=_C)),
+    "method": (str | None, typer.Option(metavar="NAME", help="Compression method: dynamickv, snapkv, pyramidkv, streamingllm, h2o, adakv, full.", rich_help_panel=_C)),
     "budget": (str | None, typer.Option("--budget", "-b", metavar="WORD", help="Cache budget: 1.7% of the document, 128 tokens/layer, or 512MiB.", rich_help_panel=_C)),
     "chunk_size": (int | None, typer.Option(metavar="TOKENS", help="Prefill chunk in tokens (default 1024 CPU, 4096 GPU).", rich_help_panel=_C)),
     "max_new_tokens": (int | None, typer.Option(metavar="TOKENS", help="Longest answer in tokens.", rich_help_panel=_C)),
