@@ -1,0 +1,385 @@
+"""Train dynkv's bundled model (tokenizer + small Llama) from scratch on the task suite.
+
+    python -m dynkv_cli.bench.train --out examples/model --minutes 50 --seed 0 [--device cpu|cuda]
+    python -m dynkv_cli.bench.train --out examples/model --eval-only --lengths 8192 16384 --n-eval 5
+
+Everything is generated here (filler text, tasks, tokenizer), with a fixed seed. Loss is on the
+answer tokens only. Lengths follow a curriculum (short to 4k) and most sequences get PoSE-style
+position skipping (the second part of the sequence is shifted by a random gap), so positions up
+to `max_position_embeddings` are seen without training at that length. Logs go to stderr;
+`<out>/training.json` records the config, the run and the accuracy per task and length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dynkv_cli.bench.tasks import (
+    TASKS,
+    format_prompt,
+    make_example,
+    make_suite,
+    score,
+    suite_seed,
+    vocabulary_text,
+)
+
+MAX_POS = 32768
+
+
+def log(msg: str) -> None:
+    print(f"[train {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def train_tokenizer(seed: int, vocab_size: int = 2048):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(vocabulary_text(seed, 400), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=MAX_POS,
+        padding_side="left",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def encode_example(ex, tokenizer):
+    """(prompt ids with BOS, answer ids + EOS) in the suite's prompt format."""
+    be = tokenizer.backend_tokenizer
+    doc, suffix = format_prompt(ex)
+    ids = be.encode(doc).ids + be.encode(suffix, add_special_tokens=False).ids
+    ans = be.encode(" " + ex.answer, add_special_tokens=False).ids + [tokenizer.eos_token_id]
+    return ids, ans
+
+
+# task mix: harder tasks a little more often
+TASK_WEIGHTS = {
+    "niah_single": 1.0,
+    "niah_multikey": 1.2,
+    "niah_multivalue": 1.3,
+    "niah_multiquery": 1.3,
+    "vt": 1.6,
+    "aggregation": 1.4,
+    "fact_start": 0.7,
+    "fact_end": 0.7,
+}
+
+EASY = ("niah_single", "niah_multikey", "fact_start", "fact_end")
+
+STAGES = [  # (end as a fraction of training time, lengths, batch tokens, PoSE probability, tasks)
+    # short documents and the simple lookups first: copying (induction) forms there fastest
+    (0.10, [64], 2048, 0.0, ("niah_single", "fact_end")),
+    (0.25, [64, 96, 128], 2048, 0.1, EASY),
+    (0.40, [128, 256, 384], 4096, 0.3, None),
+    (0.60, [256, 512, 768], 6144, 0.6, None),
+    (0.85, [512, 1024, 1536, 2048], 8192, 0.75, None),
+    (1.01, [1024, 2048, 3072, 4096], 8192, 0.75, None),
+]
+
+
+def stage(frac: float):
+    """(lengths, batch tokens, PoSE probability, tasks or None for all) at this fraction of the time."""
+    for end, *rest in STAGES:
+        if frac < end:
+            return rest
+    return STAGES[-1][1:]
+
+
+def make_batch(
+    rng: random.Random, counter: list[int], length: int, batch_tokens: int, tokenizer, seed, pose: float, tasks=None
+):
+    bsz = max(1, batch_tokens // length)
+    names = list(tasks or TASK_WEIGHTS)
+    weights = [TASK_WEIGHTS[n] for n in names]
+    seqs, labs = [], []
+    for _ in range(bsz):
+        task = rng.choices(names, weights)[0]
+        counter[0] += 1
+        ex = make_example(task, length, suite_seed("train", seed, task, length, counter[0]), tokenizer)
+        ids, ans = encode_example(ex, tokenizer)
+        seqs.append(ids + ans)
+        labs.append([-100] * len(ids) + ans)
+    T = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((bsz, T), pad, dtype=torch.long)
+    labels = torch.full((bsz, T), -100, dtype=torch.long)
+    pos = torch.arange(T).repeat(bsz, 1)
+    for b, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        labels[b, : len(s)] = torch.tensor(lab)
+        if rng.random() < pose:
+            # PoSE-style skip: positions after a random split jump by a random gap
+            split = rng.randint(1, len(s) - 1)
+            room = MAX_POS - T - 1
+            if room > 0:
+                gap = rng.randint(0, room) if rng.random() < 0.5 else int(math.exp(rng.uniform(0, math.log(room))))
+                pos[b, split:] += gap
+    return input_ids, labels, pos
+
+
+def answer_loss(model, input_ids, labels, pos):
+    # An explicit mask: without one, transformers reads a jump in position_ids as the start of a
+    # new packed sequence and blocks attention across it, which would cut PoSE sequences in two.
+    mask = torch.ones_like(input_ids)
+    out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    h = out.last_hidden_state[:, :-1]
+    tgt = labels[:, 1:]
+    m = tgt != -100
+    logits = model.lm_head(h[m]).float()
+    return torch.nn.functional.cross_entropy(logits, tgt[m])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (plain transformers, full KV, greedy)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, lengths, n, seed, device, tasks=None, predictions=None):
+    model.eval()
+    results: dict[str, dict[str, float]] = {}
+    for length in lengths:
+        row: dict[str, float] = {}
+        for task in tasks or list(TASKS):
+            scores = []
+            for ex in make_suite([task], length, n, seed, "eval", tokenizer):
+                ids, ans = encode_example(ex, tokenizer)
+                x = torch.tensor([ids], device=device)
+                gen = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=len(ans) + 4,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                pred = tokenizer.decode(gen[0, len(ids) :], skip_special_tokens=True).strip()
+                scores.append(score(ex, pred))
+                if predictions is not None:
+                    predictions.append(
+                        {
+                            "task": task,
+                            "n_tokens": length,
+                            "prompt_tokens": len(ids),
+                            "answer": ex.answer,
+                            "prediction": pred,
+                            "score": scores[-1],
+                        }
+                    )
+            row[task] = round(sum(scores) / len(scores), 4)
+        row["average"] = round(sum(row[t] for t in row) / len(row), 4)
+        results[str(length)] = row
+    model.train()
+    return results
+
+
+def fmt(results) -> str:
+    lines = []
+    for length, row in results.items():
+        lines.append(f"  {length:>6}: " + " ".join(f"{k}={v:.2f}" for k, v in row.items()))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def model_config(tokenizer, args):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=MAX_POS,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_dropout=0.0,
+    )
+
+
+def save(model, tokenizer, out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="examples/model")
+    p.add_argument("--minutes", type=float, default=50.0, help="training wall time (evaluation not included)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=2.5e-3)
+    p.add_argument("--eval-every", type=float, default=6.0, help="minutes between progress evaluations")
+    p.add_argument("--n-eval", type=int, default=10, help="final evaluation examples per task and length")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="final evaluation lengths")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and record it")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    device = torch.device(args.device)
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if args.eval_only:
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        model = LlamaForCausalLM.from_pretrained(out, attn_implementation="sdpa").to(device)
+        record = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
+        t0 = time.time()
+        preds: list[dict] = []
+        res = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
+        log("eval-only:\n" + fmt(res))
+        record.setdefault("final_eval", {}).update(res)
+        record.setdefault("final_eval_examples_per_task", {}).update({str(n): args.n_eval for n in args.lengths})
+        (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        log(f"eval took {time.time() - t0:.0f}s")
+        return
+
+    t_start = time.time()
+    tokenizer = train_tokenizer(args.seed, args.vocab)
+    log(f"tokenizer: {len(tokenizer)} tokens ({time.time() - t_start:.1f}s)")
+    config = model_config(tokenizer, args)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters")
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    rng = random.Random(args.seed)
+    counter = [0]
+    budget = args.minutes * 60
+    warmup = 60
+    step, tokens, t_train, t_eval = 0, 0, 0.0, 0.0
+    next_eval = args.eval_every * 60
+    history = []
+    ema = None
+    model.train()
+    while t_train < budget:
+        t0 = time.time()
+        frac = t_train / budget
+        lengths, batch_tokens, pose, tasks = stage(frac)
+        length = rng.choice(lengths)
+        x, y, pos = make_batch(rng, counter, length, batch_tokens, tokenizer, args.seed, pose, tasks)
+        x, y, pos = x.to(device), y.to(device), pos.to(device)
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = answer_loss(model, x, y, pos)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += x.numel()
+        t_train += time.time() - t0
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 20 == 0:
+            log(
+                f"step {step} len {length} bs {x.shape[0]} loss {ema:.3f} lr {lr:.2e} "
+                f"{tokens / t_train:.0f} tok/s train {t_train / 60:.1f}m"
+            )
+        if t_train >= next_eval:
+            next_eval += args.eval_every * 60
+            t1 = time.time()
+            res = evaluate(model, tokenizer, [512, 2048], 3, args.seed + 1, device)
+            t_eval += time.time() - t1
+            history.append({"step": step, "train_minutes": round(t_train / 60, 2), "loss": ema, "eval": res})
+            log(f"eval at step {step} ({time.time() - t1:.0f}s):\n" + fmt(res))
+            save(model, tokenizer, out, {"status": "checkpoint", "step": step, "history": history})
+
+    log(f"training done: {step} steps, {tokens} tokens, {t_train / 60:.1f} min")
+    t1 = time.time()
+    preds: list[dict] = []
+    final = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
+    log("final eval (full KV, greedy):\n" + fmt(final))
+    record = {
+        "command": "python -m dynkv_cli.bench.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
+        "device": str(device),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "model_config": config.to_dict(),
+        "n_parameters": n_params,
+        "tokenizer_vocab": len(tokenizer),
+        "curriculum": [
+            {"until_fraction": e, "lengths": ls, "batch_tokens": bt, "pose_probability": pp, "tasks": ts or "all"}
+            for e, ls, bt, pp, ts in STAGES
+        ],
+        "pose_max_position": MAX_POS,
+        "task_weights": TASK_WEIGHTS,
+        "lr": args.lr,
+        "steps": step,
+        "train_tokens": tokens,
+        "train_minutes": round(t_train / 60, 2),
+        "progress_eval_minutes": round(t_eval / 60, 2),
+        "wall_minutes": round((time.time() - t_start) / 60, 2),
+        "history": history,
+        "final_eval": final,
+        "final_eval_examples_per_task": {str(n): args.n_eval for n in args.lengths},
+        "final_eval_seed": args.seed,
+        "final_eval_predictions_sample": preds[:: max(1, len(preds) // 40)],
+    }
+    save(model, tokenizer, out, record)
+    log(f"saved to {out} (final eval {time.time() - t1:.0f}s)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,130 @@
+"""Fast checks of the task generator (no model, no training)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dynkv_cli.bench import tasks as T
+from dynkv_cli.bench.tasks import TASKS, Example, count_tokens, format_prompt, make_example, make_suite, score
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from dynkv_cli.bench.train import train_tokenizer
+
+    return train_tokenizer(0)
+
+
+def _prompt_tokens(ex: Example, tok) -> int:
+    doc, suffix = format_prompt(ex)
+    return len(tok.backend_tokenizer.encode(doc).ids) + count_tokens([suffix], tok)[0]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_generates_at_512(task, tokenizer):
+    ex = make_example(task, 512, 7, tokenizer)
+    assert ex.task == task and ex.document and ex.question and ex.answer and ex.answers
+    assert 0.0 <= ex.depth <= 1.0
+    assert abs(_prompt_tokens(ex, tokenizer) - 512) <= 0.05 * 512
+    assert score(ex, ex.answer) == 1.0
+
+
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_lengths_within_tolerance(n, tokenizer):
+    for ex in make_suite(None, n, 1, seed=3, split="eval", tokenizer=tokenizer):
+        assert abs(_prompt_tokens(ex, tokenizer) - n) <= 0.05 * n, ex.task
+
+
+def test_deterministic_by_seed(tokenizer):
+    for task in TASKS:
+        a = make_example(task, 600, 11, tokenizer)
+        b = make_example(task, 600, 11, tokenizer)
+        c = make_example(task, 600, 12, tokenizer)
+        assert a == b
+        assert a != c
+    assert make_suite(None, 300, 2, seed=5) == make_suite(None, 300, 2, seed=5)
+
+
+def test_eval_and_train_are_disjoint():
+    ev = {T.suite_seed("eval", s, t, n, i) for s in range(3) for t in TASKS for n in (512, 4096) for i in range(50)}
+    tr = {T.suite_seed("train", s, t, n, i) for s in range(3) for t in TASKS for n in (512, 4096) for i in range(50)}
+    assert not ev & tr
+    assert all(x >> 62 == 1 for x in ev) and all(x >> 62 == 0 for x in tr)
+    e = make_suite(["niah_single"], 256, 20, seed=0, split="eval")
+    r = make_suite(["niah_single"], 256, 20, seed=0, split="train")
+    assert not {x.document for x in e} & {x.document for x in r}
+
+
+def test_answers_are_in_the_document():
+    for seed in range(5):
+        for task in TASKS:
+            ex = make_example(task, 800, seed)
+            doc = ex.document
+            if task == "niah_single":
+                assert f"The pass key is {ex.answer}." in doc
+            elif task == "niah_multikey":
+                key = ex.question.split(" for ")[1].rstrip("?")
+                assert f"The special magic number for {key} is {ex.answer}." in doc
+            elif task == "niah_multivalue":
+                key = ex.question.split(" for ")[1].rstrip("?")
+                found = re.findall(rf"One of the special magic numbers for {key} is (\d+)\.", doc)
+                assert found == ex.answers
+            elif task == "niah_multiquery":
+                keys = re.findall(r"[a-z]+", ex.question.split(" for ")[1].replace(" and ", " "))
+                vals = [re.search(rf"magic number for {k} is (\d+)\.", doc).group(1) for k in keys]
+                assert vals == ex.answers
+            elif task == "vt":
+                value = re.search(r"value (\d+)", ex.question).group(1)
+                # follow the chain in the document
+                names = re.findall(rf"VAR (\w+) = {value}\.", doc)
+                while True:
+                    nxt = re.findall(rf"VAR (\w+) = VAR {names[-1]}\.", doc)
+                    if not nxt:
+                        break
+                    names += nxt
+                assert names == ex.answers
+            elif task == "aggregation":
+                counts: dict[str, int] = {}
+                for w in re.findall(r"The marked word is (\w+)\.", doc):
+                    counts[w] = counts.get(w, 0) + 1
+                top = sorted(counts, key=lambda w: -counts[w])[:3]
+                assert top == ex.answers
+                assert len({counts[w] for w in top}) == 3 and counts[top[2]] > max(
+                    c for w, c in counts.items() if w not in top
+                )
+            elif task == "fact_start":
+                assert f"The author of this report is {ex.answer}." in doc
+            elif task == "fact_end":
+                assert f"The final code is {ex.answer}." in doc
+            # the needle is where depth says
+            if task == "fact_start":
+                assert ex.depth < 0.05 and doc.index(ex.answer) < 0.1 * len(doc)
+            if task == "fact_end":
+                assert ex.depth > 0.9 and doc.index(ex.answer) > 0.85 * len(doc)
+
+
+def test_scoring_exact_partial_wrong():
+    single = make_example("niah_single", 300, 1)
+    assert score(single, single.answer) == 1.0
+    assert score(single, " " + single.answer + ".") == 1.0
+    assert score(single, "12") == 0.0
+    assert score(single, single.answer + " 1") == 0.0
+    multi = make_example("niah_multivalue", 300, 1)
+    assert len(multi.answers) == 4
+    assert score(multi, ", ".join(multi.answers)) == 1.0
+    assert score(multi, ", ".join(multi.answers[:2]) + ", 1, 2") == 0.5
+    assert score(multi, "nothing") == 0.0
+    vt = make_example("vt", 300, 1)
+    assert score(vt, " ".join(vt.answers[:3])) == pytest.approx(0.75)
+    agg = make_example("aggregation", 300, 1)
+    assert score(agg, " ".join(reversed(agg.answers))) == 1.0
+
+
+def test_prompt_format():
+    ex = make_example("fact_end", 300, 2)
+    doc, suffix = format_prompt(ex)
+    assert doc == ex.document
+    assert suffix == "\n" + ex.question + "\nAnswer:"
+    assert not re.search(r"\d", suffix.replace(ex.question, "")) and ex.answer not in ex.question
