@@ -64,6 +64,7 @@ def test_every_method_and_length_measured(report):
         assert r.peak_memory_bytes == r.peak_total_bytes - r.baseline_bytes
         assert r.cache_bytes > 0 and r.full_kv_bytes > 0
         assert r.matmul_flops > 0 and r.matmul_bound_seconds > 0
+        assert r.matmul_bound_ratio == pytest.approx(r.prefill_seconds / r.matmul_bound_seconds)
         assert len(r.kept_per_layer) == PRESETS["tiny"]["num_hidden_layers"]
     for key in ("cpu_count", "torch", "transformers", "device_name", "dtype", "matmul_flops_per_s", "loadavg_end"):
         assert report.machine[key] is not None, key
@@ -99,6 +100,14 @@ def test_compressing_methods_keep_the_budget(report):
             assert r.chunks == math.ceil(n / 64)
             assert 0 <= r.score_share < 1
         assert max(rows["streamingllm"].kept_per_layer) <= BUDGET_TOKENS
+        assert len(rows["dynamickv"].chunk_memory_bytes) == math.ceil(n / 64)  # one point per chunk
+        assert rows[REFERENCE].chunk_memory_bytes == []
+
+
+def test_sample_keeps_ends():
+    assert speed._sample([1, 2, 3], 64) == [1, 2, 3]
+    s = speed._sample(list(range(1000)), 64)
+    assert len(s) == 64 and s[0] == 0 and s[-1] == 999 and s == sorted(s)
 
 
 def test_ratios_in_report_match_rows(report):

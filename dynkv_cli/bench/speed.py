@@ -48,6 +48,15 @@ DEFAULT_METHODS = ("dynamickv", "snapkv", "streamingllm")
 #: The question after the document (the engine's probe renders the same text).
 QUESTION = "what does the document above say about the key figures and dates answer briefly"
 WARMUP_TOKENS = 512
+CHUNK_MEMORY_POINTS = 64
+
+
+def _sample(values: list, k: int) -> list:
+    """At most ``k`` evenly spaced entries of ``values``, always with the first and the last."""
+    if len(values) <= k:
+        return list(values)
+    return [values[round(i * (len(values) - 1) / (k - 1))] for i in range(k)]
+
 
 __all__ = [
     "REFERENCE",
@@ -110,9 +119,13 @@ class SpeedRow:
     score_share: float | None = None
     matmul_flops: float = 0.0  # estimate, prefill only: linear layers + attention products
     matmul_bound_seconds: float | None = None  # matmul_flops at the measured matmul rate
+    matmul_bound_ratio: float | None = None  # prefill_seconds / matmul_bound_seconds (1M target: <= 2)
     tokens: list[int] = field(default_factory=list)  # greedy output ids
     wall_seconds: float = 0.0  # whole measured run (prefill + question + decode)
     score_timing: str = ""  # "engine timer" or "synchronized" (see --sync-score)
+    # engine rows: memory held after each chunk minus memory before the run (CUDA allocated / RSS),
+    # at most CHUNK_MEMORY_POINTS evenly spaced chunks; flat across chunks = the cache is bounded
+    chunk_memory_bytes: list[int] = field(default_factory=list)
     repeats: int = 1  # timings and peaks above are medians over this many runs, each in its own process
     samples: list[dict] = field(default_factory=list)  # per-run prefill/ttft/decode seconds and peak bytes
     # ratios against the full-KV row of the same length (None for the reference itself or when unknown)
@@ -232,6 +245,11 @@ class _Memory:
             reset = _reset_rss_peak()
             self.base = (_proc_status_kib("VmRSS") or 0) * 1024
             self.kind = "process_peak_rss" if reset else "process_peak_rss_since_start"
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return (_proc_status_kib("VmRSS") or 0) * 1024
 
     def peak(self) -> int:
         if self.device.type == "cuda":
@@ -461,8 +479,14 @@ def run_engine(lm, doc: list[int], spec: RunSpec, mem: _Memory) -> SpeedRow:
     mem.start()
     _sync(dev)
     t0 = time.perf_counter()
+    held: list[int] = []
+
+    def on_progress(p) -> None:
+        if p.phase == "prefill":
+            held.append(mem.current() - mem.base)
+
     with _score_timer(dev, spec.sync_score and spec.method != "full") as synced:
-        cdoc = engine.compress(doc, prompt, question=QUESTION)
+        cdoc = engine.compress(doc, prompt, question=QUESTION, on_progress=on_progress)
         _sync(dev)
     prefill = time.perf_counter() - t0
     st = cdoc.stats
@@ -506,6 +530,7 @@ def run_engine(lm, doc: list[int], spec: RunSpec, mem: _Memory) -> SpeedRow:
         score_seconds=score_s,
         score_share=score_s / prefill if prefill > 0 else None,
         score_timing="synchronized" if synced else "engine timer",
+        chunk_memory_bytes=_sample(held, CHUNK_MEMORY_POINTS),
         matmul_flops=flops,
         tokens=list(answer.token_ids),
         wall_seconds=wall,
@@ -760,6 +785,7 @@ def _run_all(base: RunSpec, methods, lengths, isolate, measure_matmul, on_row, r
             row = median_row(runs)
             if rate and row.status == "ok":
                 row.matmul_bound_seconds = row.matmul_flops / rate
+                row.matmul_bound_ratio = row.prefill_seconds / row.matmul_bound_seconds
             rows.append(row)
     machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     settings = {
