@@ -111,9 +111,10 @@ def test_dropping_the_needle_fails_it(lm):
     assert not set(needle) & set(seen["streamingllm"])
     assert keep.prediction == "unknown" and keep.score == 0.0
     assert keep.kept_per_layer == [16] * lm.shape.num_layers
+    assert set(needle) >= set(prep.evidence) and prep.evidence and keep.evidence_kept == 0.0
     full = Q.run_one(lm, prep, Q.FULL, Q.FULL, 128, Q.RetentionSettings(), oracle)
     assert set(needle) <= set(seen["full"])
-    assert full.prediction == ex.answer and full.score == 1.0
+    assert full.prediction == ex.answer and full.score == 1.0 and full.evidence_kept == 1.0
     # the scoring path: a wrong or partial answer scores 0, the answer with spacing noise scores 1
     assert score(ex, str(int(ex.answer) + 1)) == 0.0
     assert score(ex, ex.answer[:-1]) == 0.0
@@ -210,6 +211,7 @@ def test_command_end_to_end(model_path, tmp_path):
     assert len(data["targets"]["512"]) == 3
     kept = {p["kept_tokens"] for p in data["predictions"] if p["method"] == "snapkv" and p["budget"] == "32"}
     assert kept == {32 * 4}
+    assert set(data["evidence_kept"]["512"]["32"]) == {"dynamickv", "snapkv"}
     md = (tmp_path / "q.md").read_text()
     assert "| task | full | dynamickv | snapkv |" in md and "### Targets" in md
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
 import typer
 
 from ..config import CompressionSettings, GenerationSettings, RetentionSettings
@@ -122,6 +124,7 @@ class PreparedExample:
     prefix_ids: list[int]
     suffix_ids: list[int]
     answer_tokens: int
+    evidence: list[int] = field(default_factory=list)  # document token indices of the answer's occurrences
 
     @property
     def prompt_tokens(self) -> int:
@@ -163,7 +166,56 @@ def prepare(tokenizer, example: Example, index: int, seed: int, length: int) -> 
             "format; the tokenizer merges across the document/suffix boundary"
         )
     answer_tokens = len(encode(tokenizer, " " + example.answer))
-    return PreparedExample(example, index, seed, length, prompt, doc_ids, p.prefix, p.suffix, answer_tokens)
+    return PreparedExample(
+        example,
+        index,
+        seed,
+        length,
+        prompt,
+        doc_ids,
+        p.prefix,
+        p.suffix,
+        answer_tokens,
+        evidence_tokens(tokenizer, example),
+    )
+
+
+def evidence_tokens(tokenizer, example: Example) -> list[int]:
+    """Document token indices that spell an answer item (every occurrence, as a whole word/number).
+
+    What a method must keep for the answer to be readable at all: a model-independent check of
+    retention (``evidence_kept``). Empty when the tokenizer gives no offsets.
+    """
+    doc = example.document
+    try:
+        enc = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return []
+    offs = enc.get("offset_mapping") or []
+    spans = []
+    for item in dict.fromkeys(example.answers or [example.answer]):
+        pat = r"(?<![A-Za-z0-9])" + re.escape(item) + r"(?![A-Za-z0-9])"
+        spans += [(m.start(), m.end()) for m in re.finditer(pat, doc)]
+    return sorted({i for i, (a, b) in enumerate(offs) for s0, e0 in spans if a < e0 and b > s0})
+
+
+def evidence_kept(doc: CompressedDocument, evidence: list[int]) -> float | None:
+    """Share of the evidence tokens present in the cache, averaged over layers and KV heads."""
+    if not evidence or doc.stats.compactions:
+        return None
+    cache, P = doc.cache, doc.cache.prefix_len
+    ev = torch.tensor(evidence, dtype=torch.long)
+    shares = []
+    for layer in cache.layers:
+        if hasattr(layer, "head") and hasattr(layer, "lens"):
+            heads = [layer.head(h)[2] for h in range(len(layer.lens))]
+        else:
+            heads = list(layer.positions)
+        for pos in heads:
+            kept = pos.detach().cpu()
+            kept = kept[kept >= P] - P
+            shares.append(float(torch.isin(ev, kept).float().mean()))
+    return sum(shares) / len(shares) if shares else None
 
 
 def answer_budget(prep: PreparedExample) -> int:
@@ -199,6 +251,7 @@ class Prediction:
     full_kv_bytes: int
     depth: float
     seconds: float
+    evidence_kept: float | None = None  # share of the answer's tokens in the cache (mean over layers, heads)
 
 
 @dataclass
@@ -232,6 +285,40 @@ class QualityResult:
         vals = [self.accuracy(length, t, method, budget) for t in (tasks or self.tasks)]
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
+
+    def evidence(self, length: int, task: str | None, method: str, budget: str) -> float | None:
+        """Mean share (percent) of the answer's tokens kept in the cache; ``task=None``: mean over tasks."""
+        if task is None:
+            vals = [self.evidence(length, t, method, budget) for t in self.tasks]
+            vals = [v for v in vals if v is not None]
+            return sum(vals) / len(vals) if vals else None
+        b = FULL if method == FULL else budget
+        xs = [
+            p.evidence_kept
+            for p in self.predictions
+            if p.length == length
+            and p.task == task
+            and p.method == method
+            and p.budget == b
+            and p.evidence_kept is not None
+        ]
+        return 100.0 * sum(xs) / len(xs) if xs else None
+
+    def evidence_table(self) -> dict:
+        """``{length: {budget: {method: {task: pct, "average": pct}}}}`` of answer tokens kept."""
+        return {
+            str(n): {
+                b: {
+                    m: {
+                        **{t: _r(self.evidence(n, t, m, b)) for t in self.tasks},
+                        "average": _r(self.evidence(n, None, m, b)),
+                    }
+                    for m in self.methods
+                }
+                for b in self.budgets
+            }
+            for n in self.lengths
+        }
 
     def table(self) -> dict:
         """``{length: {budget: {method: {task: acc, "average": acc, "pct_of_full": pct}}}}``."""
@@ -313,6 +400,7 @@ class QualityResult:
             "num_layers": self.num_layers,
             "seconds": round(self.seconds, 1),
             "table": self.table(),
+            "evidence_kept": self.evidence_table(),
             "layer_budgets": self.layer_budgets(),
             "targets": {str(n): self.targets(n) for n in self.lengths},
             "errors": self.errors,
@@ -442,6 +530,7 @@ def run_one(
     engine = Engine(lm, _settings(method, FULL if method == FULL else budget, chunk_size, retention), gen)
     t0 = time.perf_counter()
     doc = engine.compress(prep.doc_ids, prep.prompt, question=ex.question)
+    kept_evidence = evidence_kept(doc, prep.evidence)
     text = answer_fn(engine, doc, ex, gen)
     st = doc.stats
     return Prediction(
@@ -462,6 +551,7 @@ def run_one(
         full_kv_bytes=int(st.full_kv_bytes),
         depth=ex.depth,
         seconds=round(time.perf_counter() - t0, 3),
+        evidence_kept=None if kept_evidence is None else round(kept_evidence, 4),
     )
 
 
@@ -583,6 +673,26 @@ def accuracy_tables(result: QualityResult) -> list:
     return tables
 
 
+def evidence_tables(result: QualityResult) -> list:
+    """Per length: answer tokens kept in the cache (%), rows = method x budget, columns = tasks."""
+    from rich.table import Table
+
+    out = []
+    for n in result.lengths:
+        t = Table(title=f"answer tokens kept in the cache (%, mean over layers and KV heads) at {n} tokens")
+        t.add_column("method")
+        t.add_column("budget")
+        for task in result.tasks:
+            t.add_column(task, justify="right")
+        t.add_column("average", justify="right")
+        for m in result.methods:
+            for b in result.budgets:
+                vals = [result.evidence(n, task, m, b) for task in result.tasks]
+                t.add_row(m, b, *[_fmt(v) for v in vals], _fmt(result.evidence(n, None, m, b)))
+        out.append(t)
+    return out
+
+
 def _bar(value: float, vmax: float, width: int) -> str:
     if vmax <= 0:
         return ""
@@ -669,6 +779,15 @@ def markdown_report(result: QualityResult) -> str:
             out.append("| **average** | " + " | ".join(f"**{_fmt(rows[m]['average'])}**" for m in cols) + " |")
             out.append("| % of full | " + " | ".join(_fmt(rows[m]["pct_of_full"]) for m in cols) + " |")
             out.append("")
+    for n in result.lengths:
+        out.append(f"#### Answer tokens kept in the cache at {n} tokens (%, mean over layers and KV heads)\n")
+        out.append("| method | budget | " + " | ".join(result.tasks) + " | average |")
+        out.append("|---|---|" + "---:|" * (len(result.tasks) + 1))
+        for m in result.methods:
+            for b in result.budgets:
+                vals = [_fmt(result.evidence(n, task, m, b)) for task in result.tasks]
+                out.append(f"| {m} | {b} | " + " | ".join(vals) + f" | {_fmt(result.evidence(n, None, m, b))} |")
+        out.append("")
     out.append("### DynamicKV layer budgets per task\n")
     out.append("```")
     out.extend(line.rstrip() for line in layer_chart_lines(result))
@@ -776,6 +895,8 @@ def quality_command(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     for t in accuracy_tables(result):
+        console.print(t)
+    for t in evidence_tables(result):
         console.print(t)
     for t in layer_heatmap(result):
         console.print(t)
