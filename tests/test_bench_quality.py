@@ -197,7 +197,7 @@ def test_command_end_to_end(model_path, tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "accuracy (%) at 512 tokens, budget 10%" in res.output
+    assert "accuracy (%) at 512 tokens" in res.output
     assert "DynamicKV layer budgets" in res.output
     data = json.loads(out.read_text())
     assert data["methods"] == ["full", "dynamickv", "snapkv"]
@@ -214,6 +214,12 @@ def test_command_end_to_end(model_path, tmp_path):
     assert set(data["evidence_kept"]["512"]["32"]) == {"dynamickv", "snapkv"}
     md = (tmp_path / "q.md").read_text()
     assert "| task | full | dynamickv | snapkv |" in md and "### Targets" in md
+    assert "#### 512 tokens, budget 10% (1 examples per task)" in md
+    again = CliRunner().invoke(
+        root, ["bench", "quality", "--from-json", str(out), "--markdown", str(tmp_path / "r.md")]
+    )
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "r.md").read_text() == md
 
 
 def test_a_failing_method_is_recorded_and_skipped(lm):
@@ -251,3 +257,15 @@ def test_rounds_are_the_suite_examples_and_time_limit_keeps_cells_equal(lm):
     assert sorted(seen[::2], key=suite.index) == suite and res.examples == 2
     res = Q.run_quality(lm, examples=3, chunk_size=128, answer_fn=answer, time_limit=1e-6, **kw)
     assert res.examples == 1 and len(res.predictions) == 2 * 2
+
+
+def test_targets_are_not_measurable_when_full_kv_fails():
+    r = Q.QualityResult(
+        "m", ["niah_single"], [8192], ["0.9%", "1.7%"], ["dynamickv", "snapkv", "pyramidkv"], 1, 0, 1, 6
+    )
+    r.predictions += [_fake("niah_single", "full", "full", 0.0)]
+    r.predictions += [_fake("niah_single", m, b, 0.0) for m in r.methods for b in r.budgets]
+    ts = r.targets(8192)
+    assert [t["met"] for t in ts] == [None, None, None] and all("does not solve" in t["note"] for t in ts)
+    assert ts[2]["met_as_computed"] is True
+    assert all("not measurable" in line for line in Q.target_lines(r, 8192))

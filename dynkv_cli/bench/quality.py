@@ -37,6 +37,8 @@ DEFAULT_BUDGETS = ("0.9%", "1.7%", "6.9%")
 #: The issue's targets are checked at this length (and reported for every measured length).
 TARGET_LENGTH = 8192
 NEEDLE_CATEGORY = "retrieval"
+#: Below this full-KV average (percent) the targets are reported as not measurable.
+MIN_FULL_ACCURACY = 50.0
 MIX_SUFFIX = "+mix"
 
 #: answer_fn(engine, compressed document, example, generation) -> prediction text
@@ -286,6 +288,10 @@ class QualityResult:
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
 
+    def examples_at(self, length: int) -> int:
+        """Examples per task measured at ``length`` (full-KV runs of the first task)."""
+        return sum(1 for p in self.predictions if p.length == length and p.method == FULL and p.task == self.tasks[0])
+
     def evidence(self, length: int, task: str | None, method: str, budget: str) -> float | None:
         """Mean share (percent) of the answer's tokens kept in the cache; ``task=None``: mean over tasks."""
         if task is None:
@@ -385,6 +391,26 @@ class QualityResult:
 
     def targets(self, length: int = TARGET_LENGTH) -> list[dict]:
         return check_targets(self, length)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QualityResult:
+        """Rebuild a result from its JSON (``to_dict``), e.g. to render it again."""
+        names = {f for f in Prediction.__dataclass_fields__}
+        return cls(
+            model=d["model"],
+            tasks=list(d["tasks"]),
+            lengths=[int(n) for n in d["lengths"]],
+            budgets=list(d["budgets"]),
+            methods=[m for m in d["methods"] if m != FULL],
+            examples=int(d["examples_per_cell"]),
+            seed=int(d["seed"]),
+            chunk_size=int(d["chunk_size"]),
+            num_layers=int(d["num_layers"]),
+            command=d.get("command", ""),
+            predictions=[Prediction(**{k: v for k, v in p.items() if k in names}) for p in d["predictions"]],
+            errors=list(d.get("errors", [])),
+            seconds=float(d.get("seconds", 0.0)),
+        )
 
     def to_dict(self) -> dict:
         d = {
@@ -499,6 +525,18 @@ def check_targets(result: QualityResult, length: int = TARGET_LENGTH) -> list[di
     else:
         t3["met"] = None
     out.append(t3)
+
+    # accuracy can only show what compression keeps when the model answers with the full cache
+    full = result.average(length, FULL, FULL)
+    if full is not None and full < MIN_FULL_ACCURACY:
+        for t in out:
+            if t.get("met") is not None:
+                t["met_as_computed"] = t["met"]
+                t["met"] = None
+            t["note"] = (
+                f"full KV averages {full:.1f}% (< {MIN_FULL_ACCURACY:.0f}%): the model does not solve the suite, "
+                "so accuracy cannot show what compression keeps"
+            )
     return out
 
 
@@ -660,7 +698,10 @@ def accuracy_tables(result: QualityResult) -> list:
     for length in result.lengths:
         for budget in result.budgets:
             rows = table[str(length)][budget]
-            t = Table(title=f"accuracy (%) at {length} tokens, budget {budget}", title_justify="left")
+            t = Table(
+                title=f"accuracy (%) at {length} tokens, budget {budget} ({result.examples_at(length)} examples per task)",
+                title_justify="left",
+            )
             t.add_column("task")
             for m in [FULL, *result.methods]:
                 t.add_column(m, justify="right")
@@ -757,10 +798,26 @@ def layer_heatmap(result: QualityResult):
 def target_lines(result: QualityResult, length: int = TARGET_LENGTH) -> list[str]:
     lines = []
     for t in result.targets(length):
-        status = {True: "MET", False: "MISSED", None: "not measured"}[t["met"]]
+        status = {True: "MET", False: "MISSED", None: "not measurable" if "note" in t else "not measured"}[t["met"]]
         detail = {k: v for k, v in t.items() if k not in ("target", "met", "length", "tasks")}
         lines.append(f"[{status}] {t['target']} @ {t['length']} tokens: {detail}")
     return lines
+
+
+def merge_results(results: list[QualityResult]) -> QualityResult:
+    """One result from several runs of the same tasks, budgets and methods (e.g. one per length)."""
+    first = results[0]
+    for r in results[1:]:
+        if (r.tasks, r.budgets, r.methods) != (first.tasks, first.budgets, first.methods):
+            raise UsageError("results to merge must have the same tasks, budgets and methods")
+    out = QualityResult(**{k: getattr(first, k) for k in first.__dataclass_fields__})
+    out.lengths = list(dict.fromkeys(n for r in results for n in r.lengths))
+    out.examples = min(r.examples for r in results)
+    out.predictions = [p for r in results for p in r.predictions]
+    out.errors = [e for r in results for e in r.errors]
+    out.seconds = sum(r.seconds for r in results)
+    out.command = " ; ".join(dict.fromkeys(r.command for r in results if r.command))
+    return out
 
 
 def markdown_report(result: QualityResult) -> str:
@@ -771,7 +828,7 @@ def markdown_report(result: QualityResult) -> str:
     for length in result.lengths:
         for budget in result.budgets:
             rows = table[str(length)][budget]
-            out.append(f"#### {length} tokens, budget {budget}\n")
+            out.append(f"#### {length} tokens, budget {budget} ({result.examples_at(length)} examples per task)\n")
             out.append("| task | " + " | ".join(cols) + " |")
             out.append("|---|" + "---:|" * len(cols))
             for task in result.tasks:
@@ -828,6 +885,9 @@ def quality_command(
     json_out: str | None = typer.Option(None, "--json", help="write every prediction and the tables here"),
     markdown: str | None = typer.Option(None, "--markdown", help="also write the tables and charts as Markdown"),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch"),
+    from_json: list[str] | None = typer.Option(
+        None, "--from-json", help="render saved results (repeat to merge lengths) instead of running a model"
+    ),
 ) -> None:
     """Accuracy against budget for every method, on the same seeded examples (full KV is the reference)."""
     import json
@@ -845,6 +905,9 @@ def quality_command(
     console = Console()
     err = Console(stderr=True)
     try:
+        if from_json:
+            result = merge_results([QualityResult.from_dict(json.loads(Path(f).read_text())) for f in from_json])
+            return _render(result, console, err, json_out, markdown)
         if threads:
             torch.set_num_threads(threads)
         task_list = resolve_tasks(tasks)
@@ -894,6 +957,13 @@ def quality_command(
     except DynkvError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    _render(result, console, err, json_out, markdown)
+
+
+def _render(result: QualityResult, console, err, json_out: str | None, markdown: str | None) -> None:
+    import json
+    from pathlib import Path
+
     for t in accuracy_tables(result):
         console.print(t)
     for t in evidence_tables(result):
