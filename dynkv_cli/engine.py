@@ -13,6 +13,8 @@ See ALGORITHMS.md sections 1-3. Everything the CLI does goes through :class:`Eng
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import itertools
 import os
@@ -156,6 +158,27 @@ class Answer:
             "decode_seconds": self.decode_seconds,
             "decode_tokens_per_s": self.decode_tokens_per_s,
         }
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` or None (other C libraries, other systems)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_host_memory() -> None:
+    """Give freed heap memory back to the OS after a chunk.
+
+    Kept sets change size every chunk (DynamicKV moves budget between layers), which fragments glibc's
+    heap: without this, a 1B-shaped model's process grew by ~770 MiB over 20k tokens on CPU while its
+    cache stayed at ~14 MiB; with it, by ~47 MiB, at no measurable cost in time.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _rss_bytes() -> int:
@@ -491,6 +514,8 @@ class Engine:
                 seen += len(chunk)
                 n_chunks += 1
                 score_s += state.score_seconds
+                if dev.type == "cpu":
+                    _release_host_memory()
                 peak = max(peak, _rss_bytes())
                 if on_progress:
                     on_progress(
