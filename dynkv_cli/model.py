@@ -83,6 +83,14 @@ def model_shape(config, name: str = "") -> ModelShape:
     return ModelShape(config.model_type, config.num_hidden_layers, kv, head_dim, heads, config.vocab_size, name)
 
 
+def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
+    """The model's RoPE frequencies ``[rot_dim / 2]`` (fp32 copy), or None for a model without rotary positions."""
+    for buf_name, buf in model.named_buffers():
+        if buf_name.endswith("inv_freq"):
+            return buf.detach().float().clone()
+    return None
+
+
 def _check_folder(path: Path) -> None:
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a folder; point --model at a folder made by save_pretrained")
@@ -164,11 +172,7 @@ def load_model(
     except OSError as e:
         raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
     model.to(dev).eval()
-    inv_freq = None
-    for buf_name, buf in model.named_buffers():
-        if buf_name.endswith("inv_freq"):
-            inv_freq = buf.detach().float().clone()
-            break
+    inv_freq = rope_inv_freq(model)
     if inv_freq is None:
         raise ModelLoadError(
             f"{name}: model type {config.model_type!r} has no rotary positions; dynkv supports decoder-only "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import LoadedModel, model_shape
+from ..model import LoadedModel, model_shape, rope_inv_freq
 
 #: Position limit given to every preset (and to configs read from disk), see the module docstring.
 MAX_POSITIONS = 1 << 21
@@ -194,11 +194,7 @@ def build_model(
         model.generation_config.eos_token_id = None
         model.generation_config.bos_token_id = None
         model.generation_config.pad_token_id = None
-    inv_freq = None
-    for buf_name, buf in model.named_buffers():
-        if buf_name.endswith("inv_freq"):
-            inv_freq = buf.detach().float().clone()
-            break
+    inv_freq = rope_inv_freq(model)
     if inv_freq is None:
         raise ValueError(f"{preset}: model type {config.model_type!r} has no rotary positions")
     name = f"random:{preset}"
