@@ -744,11 +744,20 @@ def _bar(value: float, vmax: float, width: int) -> str:
     return "█" * full + part.strip()
 
 
-def layer_chart_lines(result: QualityResult, width: int = 28) -> list[str]:
-    """Plain-text bar charts of the kept entries per layer that DynamicKV chose, one block per task."""
+def layer_chart_lines(result: QualityResult, width: int = 28, only_top: bool = False) -> list[str]:
+    """Plain-text bar charts of the kept entries per layer that DynamicKV chose, one block per task.
+
+    ``only_top``: plain ``dynamickv`` at the longest length only (the Markdown report).
+    """
     lines: list[str] = []
-    for length, per_budget in result.layer_budgets().items():
+    budgets = result.layer_budgets()
+    top = str(max(result.lengths)) if result.lengths else None
+    for length, per_budget in budgets.items():
+        if only_top and length != top:
+            continue
         for key, entry in per_budget.items():
+            if only_top and "@" in key:
+                continue
             tasks = entry["tasks"]
             vmax = max(max(v["relative_to_budget"]) for v in tasks.values())
             lines.append(f"DynamicKV layer budgets at {length} tokens, budget {key} (kept per layer / B):")
@@ -845,10 +854,30 @@ def markdown_report(result: QualityResult) -> str:
                 vals = [_fmt(result.evidence(n, task, m, b)) for task in result.tasks]
                 out.append(f"| {m} | {b} | " + " | ".join(vals) + f" | {_fmt(result.evidence(n, None, m, b))} |")
         out.append("")
-    out.append("### DynamicKV layer budgets per task\n")
-    out.append("```")
-    out.extend(line.rstrip() for line in layer_chart_lines(result))
-    out.append("```\n")
+    out.append("### DynamicKV layer budgets per task (kept per layer / B, mean over examples)\n")
+    lb = result.layer_budgets()
+    for length, per_key in lb.items():
+        for key, entry in per_key.items():
+            tasks = entry["tasks"]
+            L = len(next(iter(tasks.values()))["relative_to_budget"])
+            d = entry["distances"]
+            out.append(f"#### {length} tokens, {key if '@' in key else 'dynamickv@' + key}\n")
+            out.append("| task | B | " + " | ".join(f"L{j}" for j in range(L)) + " |")
+            out.append("|---|---:|" + "---:|" * L)
+            for task, v in tasks.items():
+                cells = " | ".join(f"{x:.2f}" for x in v["relative_to_budget"])
+                out.append(f"| {task} | {_fmt(v['budget_tokens'], 0)} | {cells} |")
+            most = ", ".join(f"{'/'.join(m['tasks'])} {m['distance']:.3f}" for m in d["most_different"])
+            out.append(
+                f"\nTotal-variation distance between the task profiles: {_fmt(d['between_tasks'], 3)}; between "
+                f"seeds of the same task: {_fmt(d['within_task'], 3)} (ratio {d['ratio']}). Most different: {most}.\n"
+            )
+    charts = [line.rstrip() for line in layer_chart_lines(result, only_top=True)]
+    if charts:
+        out.append("#### Bar charts\n")
+        out.append("```")
+        out.extend(charts)
+        out.append("```\n")
     out.append("### Targets\n")
     for n in result.lengths:
         for line in target_lines(result, n):
