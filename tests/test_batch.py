@@ -5,21 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_helpers import FAST, invoke, jsonl, one_error_line, tiny_model, write_docs
+from cli_helpers import FAST, invoke, jsonl, one_error_line, write_docs
 
 from dynkv_cli.batch import ResultsFile, questions_for
 from dynkv_cli.documents import Document
-
-
-@pytest.fixture(scope="session")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def isolated_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("DYNKV_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("DYNKV_MODEL", raising=False)
 
 
 @pytest.fixture

@@ -11,19 +11,6 @@ import pytest
 from cli_helpers import FAST, invoke, jsonl, one_error_line, tiny_model, write_docs
 
 
-@pytest.fixture(scope="session")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def isolated_config(tmp_path, monkeypatch):
-    """No real ~/.config and no DYNKV_MODEL leak into a test."""
-    monkeypatch.setenv("DYNKV_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("DYNKV_MODEL", raising=False)
-    return tmp_path / "config"
-
-
 @pytest.fixture
 def docs(tmp_path):
     return write_docs(tmp_path / "docs", n=2)

@@ -5,20 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_helpers import FAST, invoke, one_error_line, tiny_model, write_docs
+from cli_helpers import FAST, invoke, one_error_line, write_docs
 from pdfmaker import corrupt_pdf, drawing_pdf, encrypted_copy, text_pdf
 from tiny import text_of
-
-
-@pytest.fixture(scope="session")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def isolated_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("DYNKV_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("DYNKV_MODEL", raising=False)
 
 
 def qa(path, model, *extra):
