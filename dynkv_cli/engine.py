@@ -657,12 +657,16 @@ class Engine:
 
 
 def _chunked(pieces: Iterable[list[int]], size: int) -> Iterator[list[int]]:
+    """Regroup id lists into chunks of ``size`` ids (the last may be shorter), copying each id once."""
     buf: list[int] = []
     for p in pieces:
         buf.extend(p)
-        while len(buf) >= size:
-            yield buf[:size]
-            buf = buf[size:]
+        if len(buf) < size:
+            continue
+        n = len(buf) - len(buf) % size
+        for a in range(0, n, size):
+            yield buf[a : a + size]
+        buf = buf[n:]
     if buf:
         yield buf
 

@@ -290,3 +290,17 @@ def test_generation_sampling_stop_and_streaming(llama):
 def test_empty_document_is_an_error(llama):
     with pytest.raises(UsageError, match="empty"):
         Engine(llama).compress([], PROMPT, question=QUESTION)
+
+
+def test_chunking_regroups_pieces_exactly():
+    import random
+
+    from dynkv_cli.engine import _chunked
+
+    rnd = random.Random(0)
+    for _ in range(200):
+        pieces = [list(range(rnd.randint(0, 30))) for _ in range(rnd.randint(0, 6))]
+        size = rnd.randint(1, 10)
+        out = list(_chunked(iter(pieces), size))
+        assert [x for c in out for x in c] == [x for p in pieces for x in p]
+        assert all(len(c) == size for c in out[:-1]) and (not out or 0 < len(out[-1]) <= size)
