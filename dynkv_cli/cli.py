@@ -406,12 +406,8 @@ def qa(
     if not question:
         raise UsageError("give at least one question with -q (see 'dynkv qa --help')")
     profile = profile_for(opts, "qa", _questions_mode(separate))
-    view = _view(opts)
-    stream = _stream_ok(opts, out)
     many = len(question) > 1
-    runner = _runner(opts, profile, view, stream)
-    if stream and many:
-        runner.hooks.phase = _with_question_header(runner.hooks.phase)
+    view, stream, runner = _question_runner(opts, profile, out, many)
     if file.endswith(".dkv") and not Path(file).is_dir():
         target = runner.engine.load(file)
     else:
@@ -426,6 +422,16 @@ def qa(
         lines = [] if stream else _render_answers(result, many)
     _emit(lines, out)
     view.done(result)
+
+
+def _question_runner(opts: Options, profile, out, many: bool):
+    """The progress view, whether answers stream to stdout, and the task runner for qa and rag."""
+    view = _view(opts)
+    stream = _stream_ok(opts, out)
+    runner = _runner(opts, profile, view, stream)
+    if stream and many:
+        runner.hooks.phase = _with_question_header(runner.hooks.phase)
+    return view, stream, runner
 
 
 def _with_question_header(phase):
@@ -470,12 +476,8 @@ def rag(
             docs.append(item)
     if not docs:
         raise DocumentError("no readable documents among the inputs (see the warnings above)")
-    view = _view(opts)
-    stream = _stream_ok(opts, out)
     many = len(question) > 1
-    runner = _runner(opts, profile, view, stream)
-    if stream and many:
-        runner.hooks.phase = _with_question_header(runner.hooks.phase)
+    view, stream, runner = _question_runner(opts, profile, out, many)
     if view.enabled:
         view.note("passages: " + ", ".join(f"[{i}] {d.source}" for i, d in enumerate(docs, 1)))
     with view:
