@@ -337,3 +337,16 @@ def test_peak_rss_reset():
     assert grown >= 48 * 2**20
     row = asdict(SpeedRow("x", 1))
     assert "peak_memory_bytes" in row
+
+
+def test_kernels_command_writes_rows(tmp_path):
+    """`dynkv bench kernels` on the CPU: reference timings only, every kernel measured, JSON written."""
+    from dynkv_cli.bench.cli import bench_app
+
+    out = tmp_path / "k.json"
+    res = CliRunner().invoke(bench_app, ["kernels", "--no-triton", "--repeats", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["device"] == "cpu" and data["mode"] == "reference only"
+    kernels = {r["kernel"] for r in data["rows"]}
+    assert len(kernels) >= 2 and all(r["ref_ms"] > 0 and r["triton_ms"] is None for r in data["rows"])

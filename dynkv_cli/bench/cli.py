@@ -11,3 +11,7 @@ bench_app.command("quality")(quality_command)
 from .speed import speed_command  # noqa: E402
 
 bench_app.command("speed")(speed_command)
+
+from .kernels import kernels_command  # noqa: E402
+
+bench_app.command("kernels")(kernels_command)

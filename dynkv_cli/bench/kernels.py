@@ -1,6 +1,7 @@
 """Micro-benchmark: each kernel against its torch reference.
 
-    python -m dynkv_cli.bench.kernels [--json out.json] [--triton] [--repeats N]
+    dynkv bench kernels [--json out.json] [--triton] [--repeats N]
+    (the same as python -m dynkv_cli.bench.kernels ...)
 
 On CUDA: Llama-3-8B-like shapes (G=8 KV heads, g=4, d=128, bf16; w up to 64, n up to 128k), the
 Triton kernels whenever triton imports, and for the score kernel the achieved bandwidth
@@ -26,8 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import typer
 
-__all__ = ["Row", "copy_bandwidth", "main", "run"]
+__all__ = ["Row", "copy_bandwidth", "kernels_command", "main", "run"]
 
 
 @dataclass
@@ -267,6 +269,22 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         log(f"wrote {args.json}")
     return 0
+
+
+def kernels_command(
+    json_out: Path = typer.Option(None, "--json", help="write the rows and the device info to this file"),
+    triton: bool = typer.Option(
+        False, "--triton", help="on the CPU, also time the Triton kernels in the interpreter (on CUDA they always run)"
+    ),
+    no_triton: bool = typer.Option(False, "--no-triton", help="time the torch references only"),
+    repeats: int = typer.Option(
+        0, "--repeats", help="timed runs per measurement, median reported (0: 20 on CUDA, 5 on CPU)"
+    ),
+) -> None:
+    """Each kernel against its torch reference: time, error, and on CUDA the bandwidth it reaches."""
+    argv = [*(["--json", str(json_out)] if json_out else []), *(["--triton"] if triton else [])]
+    argv += [*(["--no-triton"] if no_triton else []), *(["--repeats", str(repeats)] if repeats else [])]
+    raise typer.Exit(main(argv))
 
 
 if __name__ == "__main__":
