@@ -128,3 +128,27 @@ def test_prompt_format():
     assert doc == ex.document
     assert suffix == "\n" + ex.question + "\nAnswer:"
     assert not re.search(r"\d", suffix.replace(ex.question, "")) and ex.answer not in ex.question
+    # RULER-style answer prefixes: the keyed lookups give the start of the answer in the prompt
+    mk = make_example("niah_multikey", 400, 2)
+    key = mk.question.split(" for ")[1].rstrip("?")
+    assert format_prompt(mk)[1] == f"\n{mk.question}\nAnswer: The special magic number for {key} is"
+    mq = make_example("niah_multiquery", 400, 2)
+    keys = re.findall(r"[a-z]+", mq.question.split(" for ")[1].replace(" and ", " "))
+    assert format_prompt(mq)[1].endswith(f"Answer: {keys[0]} is")
+    assert mq.answer == f"{mq.answers[0]}, {keys[1]} is {mq.answers[1]} and {keys[2]} is {mq.answers[2]}"
+    for task in TASKS:
+        ex = make_example(task, 400, 5)
+        assert ex.answer not in format_prompt(ex)[1]
+
+
+def test_extra_training_questions_are_answered_by_the_document():
+    for seed in range(4):
+        for task in TASKS:
+            ex = make_example(task, 600, seed)
+            for question, prefix, answer in ex.extra:
+                assert answer not in question + prefix
+                for item in re.split(r", | ", answer):
+                    assert item in ex.document
+            mk = make_example("niah_multikey", 600, seed)
+            n_keys = len(re.findall("The special magic number for", mk.document))
+            assert len(mk.extra) == n_keys - 1  # every key but the asked one

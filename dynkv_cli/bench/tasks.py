@@ -43,6 +43,12 @@ class Example:
     answer: str
     answers: list[str] = field(default_factory=list)
     depth: float = 0.0
+    # more (question, answer) pairs about the same document, for training only: several answers per
+    # document give the model more to learn from per token it reads (evaluation asks `question` only)
+    extra: tuple[tuple[str, str, str], ...] = ()  # (question, answer prefix, answer)
+    # the start of the answer, given in the prompt as RULER does ("Answer: The special magic number
+    # for K is"), so the model continues with the value; empty for tasks asked without one
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,14 @@ def _depths(rng: random.Random, k: int, lo: float = 0.0, hi: float = 1.0) -> lis
     return sorted(rng.uniform(lo, hi) for _ in range(k))
 
 
+def _ask1(key: str) -> str:
+    return f"What is the special magic number for {key}?"
+
+
+def _cue1(key: str) -> str:
+    return f"The special magic number for {key} is"
+
+
 def _magic(key: str, value: str) -> str:
     return f" The special magic number for {key} is {value}."
 
@@ -198,7 +212,15 @@ def _magic(key: str, value: str) -> str:
 def _t_passkey(rng: random.Random, n: int):
     v = _number(rng, 5, set())
     needle = f" The pass key is {v}. Remember it. {v} is the pass key."
-    return [(rng.uniform(0.0, 1.0), needle)], "What is the pass key?", v, [v]
+    # asked without an answer prefix (the README's `dynkv qa` question); trained with one as well
+    return (
+        [(rng.uniform(0.0, 1.0), needle)],
+        "What is the pass key?",
+        v,
+        [v],
+        None,
+        [("What is the pass key?", "The pass key is", v)],
+    )
 
 
 def _t_multikey(rng: random.Random, n: int):
@@ -210,7 +232,8 @@ def _t_multikey(rng: random.Random, n: int):
     needles = sorted((d, _magic(key, v)) for d, key, v in zip(depths, keys, vals, strict=True))
     i = rng.randrange(k)
     q = f"What is the special magic number for {keys[i]}?"
-    return needles, q, vals[i], [vals[i]], depths[i]
+    extra = [(_ask1(key), _cue1(key), v) for key, v in zip(keys, vals) if key != keys[i]]
+    return needles, q, vals[i], [vals[i]], depths[i], extra, _cue1(keys[i])
 
 
 def _t_multivalue(rng: random.Random, n: int):
@@ -222,11 +245,17 @@ def _t_multivalue(rng: random.Random, n: int):
     needles = [
         (d, f" One of the special magic numbers for {target} is {v}.") for d, v in zip(depths, vals, strict=True)
     ]
+    extra = []
     for key in keys[1:]:
-        needles.append((rng.uniform(0, 1), f" One of the special magic numbers for {key} is {_number(rng, 6, used)}."))
+        d = rng.uniform(0, 1)
+        v = _number(rng, 6, used)
+        needles.append((d, f" One of the special magic numbers for {key} is {v}."))
+        extra.append(
+            (f"What are all the special magic numbers for {key}?", f"The special magic numbers for {key} are", v)
+        )
     needles.sort()
     q = f"What are all the special magic numbers for {target}?"
-    return needles, q, ", ".join(vals), vals, depths[0]
+    return needles, q, ", ".join(vals), vals, depths[0], extra, f"The special magic numbers for {target} are"
 
 
 def _t_multiquery(rng: random.Random, n: int):
@@ -239,7 +268,10 @@ def _t_multiquery(rng: random.Random, n: int):
     asked = rng.sample(range(k), 3)
     q = f"What are the special magic numbers for {keys[asked[0]]}, {keys[asked[1]]} and {keys[asked[2]]}?"
     ans = [vals[i] for i in asked]
-    return needles, q, ", ".join(ans), ans, min(depths[i] for i in asked)
+    k0, k1, k2 = (keys[i] for i in asked)
+    answer = f"{ans[0]}, {k1} is {ans[1]} and {k2} is {ans[2]}"
+    extra = [(_ask1(key), _cue1(key), v) for key, v in zip(keys, vals)]
+    return needles, q, answer, ans, min(depths[i] for i in asked), extra, f"{k0} is"
 
 
 def _t_vartrack(rng: random.Random, n: int):
@@ -257,7 +289,8 @@ def _t_vartrack(rng: random.Random, n: int):
     target = chains[0]
     q = f"Which variables are assigned the value {values[0]}?"
     first = next(d for d, s in needles if s == f" VAR {target[0]} = {values[0]}.")
-    return needles, q, " ".join(target), list(target), first
+    extra = [(f"Which variables are assigned the value {values[1]}?", "", " ".join(chains[1]))]
+    return needles, q, " ".join(target), list(target), first, extra
 
 
 def _t_aggregate(rng: random.Random, n: int):
@@ -268,19 +301,28 @@ def _t_aggregate(rng: random.Random, n: int):
     needles = sorted((rng.uniform(0, 1), f" The marked word is {w}.") for w in occ)
     q = "What are the three most frequent marked words?"
     top = words[:3]
-    return needles, q, " ".join(top), top, 0.0
+    return needles, q, " ".join(top), top, 0.0, [("What is the most frequent marked word?", "", top[0])]
 
 
 def _t_start(rng: random.Random, n: int):
     a, b = rng.sample(KEYS, 2)
     needle = f" The author of this report is {a} {b}."
-    return [(rng.uniform(0.0, 0.04), needle)], "Who is the author of this report?", f"{a} {b}", [f"{a} {b}"]
+    q = "Who is the author of this report?"
+    return (
+        [(rng.uniform(0.0, 0.04), needle)],
+        q,
+        f"{a} {b}",
+        [f"{a} {b}"],
+        None,
+        [(q, "The author of this report is", f"{a} {b}")],
+    )
 
 
 def _t_end(rng: random.Random, n: int):
     v = _number(rng, 6, set())
     needle = f" The final code is {v}."
-    return [(rng.uniform(0.95, 1.0), needle)], "What is the final code?", v, [v]
+    q = "What is the final code?"
+    return [(rng.uniform(0.95, 1.0), needle)], q, v, [v], None, [(q, "The final code is", v)]
 
 
 _BUILDERS: dict[str, Callable] = {
@@ -314,9 +356,20 @@ TASKS: dict[str, TaskSpec] = {
 # Examples
 
 
+def _suffix(question: str, prefix: str = "") -> str:
+    return "\n" + question + "\nAnswer:" + (" " + prefix if prefix else "")
+
+
 def format_prompt(example: Example) -> tuple[str, str]:
-    """(document_text, suffix_text); the model continues the suffix with ``" " + answer`` and EOS."""
-    return example.document, "\n" + example.question + "\nAnswer:"
+    """(document_text, suffix_text); the model continues the suffix with ``" " + answer`` and EOS.
+    The suffix is ``"\n" + question + "\nAnswer:"``, followed by ``" " + prefix`` for the tasks that
+    give the start of the answer."""
+    return example.document, _suffix(example.question, example.prefix)
+
+
+def format_extra(question: str, prefix: str) -> str:
+    """The text that asks one of an example's extra (training) questions after the document."""
+    return _suffix(question, prefix)
 
 
 def make_example(task: str, n_tokens: int, seed: int, tokenizer=None) -> Example:
@@ -325,12 +378,11 @@ def make_example(task: str, n_tokens: int, seed: int, tokenizer=None) -> Example
         raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     rng = random.Random(f"{task}:{n_tokens}:{seed}")
     out = _BUILDERS[task](rng, n_tokens)
-    if len(out) == 4:
-        needles, question, answer, answers = out
-        depth = needles[0][0]
-    else:
-        needles, question, answer, answers, depth = out
-    suffix = "\n" + question + "\nAnswer:"
+    needles, question, answer, answers = out[:4]
+    depth = out[4] if len(out) > 4 and out[4] is not None else needles[0][0]
+    extra = tuple(tuple(qa) for qa in out[5]) if len(out) > 5 else ()
+    prefix = out[6] if len(out) > 6 else ""
+    suffix = _suffix(question, prefix)
     fixed = sum(count_tokens([s for _, s in needles] + [suffix], tokenizer)) + 1  # +1: BOS
     sents, counts = _filler(rng, max(0, n_tokens - fixed), tokenizer)
     total = sum(counts)
@@ -347,7 +399,7 @@ def make_example(task: str, n_tokens: int, seed: int, tokenizer=None) -> Example
         if i < len(sents):
             parts.append(sents[i])
     document = "".join(parts).lstrip(" ")
-    return Example(task, document, question, answer, list(answers), round(float(depth), 4))
+    return Example(task, document, question, answer, list(answers), round(float(depth), 4), extra, prefix)
 
 
 def _bisect(cum: list[int], target: float) -> int:
