@@ -25,6 +25,7 @@ import torch
 
 from dynkv_cli.bench.tasks import (
     TASKS,
+    format_extra,
     format_prompt,
     make_example,
     make_suite,
@@ -86,28 +87,77 @@ def encode_example(ex, tokenizer):
     return ids, ans
 
 
-# task mix: harder tasks a little more often
+def encode_training(ex, tokenizer, rng: random.Random, max_tokens: int):
+    """(ids, labels): the document, the evaluation question and as many of the example's extra
+    questions (in random order) as fit in `max_tokens` more tokens, each answer followed by EOS;
+    labels mark the answers."""
+    be = tokenizer.backend_tokenizer
+    ids, ans = encode_example(ex, tokenizer)
+    labels = [-100] * len(ids) + ans
+    ids = ids + ans
+    extra = list(ex.extra)
+    rng.shuffle(extra)
+    room = max_tokens
+    for q, prefix, a in extra:
+        p = be.encode(format_extra(q, prefix), add_special_tokens=False).ids
+        a_ids = be.encode(" " + a, add_special_tokens=False).ids + [tokenizer.eos_token_id]
+        room -= len(p) + len(a_ids)
+        if room < 0:
+            break
+        ids += p + a_ids
+        labels += [-100] * len(p) + a_ids
+    return ids, labels
+
+
+def copy_sequence(rng: random.Random, n_tokens: int, tokenizer):
+    """A training-only warm-up task (not in the suite): a short text of filler, keyed numbers and
+    invented words, then the same text again. Every token of the repeat is a copying target, which
+    makes the copying (induction) circuit form in a few hundred steps; the suite's lookups are built
+    on it, and with one answer per document they alone take far longer to get there."""
+    from dynkv_cli.bench import tasks as T
+
+    parts: list[str] = []
+    while sum(T.count_tokens(parts, tokenizer)) < n_tokens // 2:
+        r = rng.random()
+        if r < 0.35:
+            parts.append(T._magic(rng.choice(T.KEYS), T._number(rng, rng.choice((5, 6)), set())))
+        elif r < 0.5:
+            parts.append(" " + " ".join(rng.choice(T.KEYS + T.MARKED) for _ in range(rng.randint(2, 5))) + ".")
+        else:
+            parts.append(" " + T._sentence(rng))
+    text = "".join(parts).lstrip(" ")
+    be = tokenizer.backend_tokenizer
+    ids = be.encode(text + "\nRepeat the text.\nAnswer:").ids
+    ans = be.encode(" " + text, add_special_tokens=False).ids + [tokenizer.eos_token_id]
+    return ids + ans, [-100] * len(ids) + ans
+
+
+# task mix (documents per task): the tasks with extra questions already give more answers per document
 TASK_WEIGHTS = {
     "niah_single": 1.0,
-    "niah_multikey": 1.2,
-    "niah_multivalue": 1.3,
-    "niah_multiquery": 1.3,
+    "niah_multikey": 1.0,
+    "niah_multivalue": 1.2,
+    "niah_multiquery": 1.2,
     "vt": 1.6,
     "aggregation": 1.4,
-    "fact_start": 0.7,
-    "fact_end": 0.7,
+    "fact_start": 0.8,
+    "fact_end": 0.8,
+    "copy": 0.3,  # the warm-up copying task (copy_sequence), kept in the mix at a low weight
 }
 
-EASY = ("niah_single", "niah_multikey", "fact_start", "fact_end")
+# the tasks an induction head can answer (the answer prefix repeats the words before the value)
+COPY_TASKS = ("copy", "copy", "copy", "niah_single", "niah_multikey", "fact_start", "fact_end")
 
-STAGES = [  # (end as a fraction of training time, lengths, batch tokens, PoSE probability, tasks)
-    # short documents and the simple lookups first: copying (induction) forms there fastest
-    (0.10, [64], 2048, 0.0, ("niah_single", "fact_end")),
-    (0.25, [64, 96, 128], 2048, 0.1, EASY),
-    (0.40, [128, 256, 384], 4096, 0.3, None),
-    (0.60, [256, 512, 768], 6144, 0.6, None),
-    (0.85, [512, 1024, 1536, 2048], 8192, 0.75, None),
-    (1.01, [1024, 2048, 3072, 4096], 8192, 0.75, None),
+# First, only the copying tasks on short documents, in small batches (many steps: the copy circuit
+# appears suddenly after enough steps, not enough tokens), until the answer loss falls below
+# --warm-loss or a quarter of the time has passed. The stages below then share the rest of the time.
+WARM_STAGE = ([64, 96, 128], 2048, 0.0, COPY_TASKS)
+
+STAGES = [  # (end as a fraction of the time after the warm stage, lengths, batch tokens, PoSE probability, tasks)
+    # every task, then longer documents, keeping some short ones in the mix so nothing learnt is lost
+    (0.30, [96, 128, 256, 512], 8192, 0.3, None),
+    (0.60, [256, 512, 1024, 1536, 2048], 8192, 0.5, None),
+    (1.01, [512, 1024, 2048, 3072, 4096], 8192, 0.5, None),
 ]
 
 
@@ -124,15 +174,18 @@ def make_batch(
 ):
     bsz = max(1, batch_tokens // length)
     names = list(tasks or TASK_WEIGHTS)
-    weights = [TASK_WEIGHTS[n] for n in names]
+    weights = [1.0] * len(names) if tasks else [TASK_WEIGHTS[n] for n in names]
     seqs, labs = [], []
     for _ in range(bsz):
         task = rng.choices(names, weights)[0]
         counter[0] += 1
-        ex = make_example(task, length, suite_seed("train", seed, task, length, counter[0]), tokenizer)
-        ids, ans = encode_example(ex, tokenizer)
-        seqs.append(ids + ans)
-        labs.append([-100] * len(ids) + ans)
+        if task == "copy":
+            ids, lab = copy_sequence(rng, length, tokenizer)
+        else:
+            ex = make_example(task, length, suite_seed("train", seed, task, length, counter[0]), tokenizer)
+            ids, lab = encode_training(ex, tokenizer, rng, max_tokens=max(48, length // 2))
+        seqs.append(ids)
+        labs.append(lab)
     T = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((bsz, T), pad, dtype=torch.long)
@@ -145,7 +198,7 @@ def make_batch(
             # PoSE-style skip: positions after a random split jump by a random gap
             split = rng.randint(1, len(s) - 1)
             room = MAX_POS - T - 1
-            if room > 0:
+            if room > 0:  # half uniform, half log-uniform (many small gaps, some up to MAX_POS)
                 gap = rng.randint(0, room) if rng.random() < 0.5 else int(math.exp(rng.uniform(0, math.log(room))))
                 pos[b, split:] += gap
     return input_ids, labels, pos
@@ -237,6 +290,11 @@ def model_config(tokenizer, args):
     )
 
 
+def _summary(record: dict) -> dict:
+    keys = ("command", "steps", "train_tokens", "train_minutes", "final_eval", "lr")
+    return {k: record[k] for k in keys if k in record}
+
+
 def save(model, tokenizer, out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -256,13 +314,18 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--rope-theta", type=float, default=1e6)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--lr", type=float, default=2.5e-3)
     p.add_argument("--eval-every", type=float, default=6.0, help="minutes between progress evaluations")
     p.add_argument("--n-eval", type=int, default=10, help="final evaluation examples per task and length")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="final evaluation lengths")
     p.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and record it")
+    p.add_argument("--warm-loss", type=float, default=0.6, help="answer loss that ends the warm (copying) stage")
+    p.add_argument("--init", help="continue from the model and tokenizer in this folder (a fresh optimizer)")
+    p.add_argument(
+        "--curriculum-start", type=float, default=0.0, help="start the curriculum at this fraction (with --init)"
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -288,10 +351,19 @@ def main(argv=None) -> None:
         return
 
     t_start = time.time()
-    tokenizer = train_tokenizer(args.seed, args.vocab)
-    log(f"tokenizer: {len(tokenizer)} tokens ({time.time() - t_start:.1f}s)")
-    config = model_config(tokenizer, args)
-    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
+    if args.init:
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
+        model = LlamaForCausalLM.from_pretrained(args.init, attn_implementation="sdpa").to(device)
+        config = model.config
+        previous = Path(args.init) / "training.json"
+        earlier = json.loads(previous.read_text()) if previous.exists() else {}
+        log(f"continuing from {args.init}")
+    else:
+        tokenizer = train_tokenizer(args.seed, args.vocab)
+        log(f"tokenizer: {len(tokenizer)} tokens ({time.time() - t_start:.1f}s)")
+        config = model_config(tokenizer, args)
+        model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
+        earlier = {}
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
 
@@ -310,15 +382,26 @@ def main(argv=None) -> None:
     next_eval = args.eval_every * 60
     history = []
     ema = None
+    warm_until = None
     model.train()
     while t_train < budget:
         t0 = time.time()
-        frac = t_train / budget
-        lengths, batch_tokens, pose, tasks = stage(frac)
+        if warm_until is None and (args.init or (ema is not None and ema < args.warm_loss and step > 100)):
+            warm_until = t_train
+            log(f"warm stage done at step {step} ({t_train / 60:.1f} min), loss {ema}")
+        elif warm_until is None and t_train > 0.25 * budget:
+            warm_until = t_train
+            log(f"warm stage stopped at a quarter of the time, step {step}, loss {ema:.3f}")
+        if warm_until is None:
+            lengths, batch_tokens, pose, tasks = WARM_STAGE
+        else:
+            rest = (t_train - warm_until) / max(1e-9, budget - warm_until)
+            frac = args.curriculum_start + (1 - args.curriculum_start) * rest
+            lengths, batch_tokens, pose, tasks = stage(frac)
         length = rng.choice(lengths)
         x, y, pos = make_batch(rng, counter, length, batch_tokens, tokenizer, args.seed, pose, tasks)
         x, y, pos = x.to(device), y.to(device), pos.to(device)
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t_train / budget)))
         for g in opt.param_groups:
             g["lr"] = lr
         loss = answer_loss(model, x, y, pos)
@@ -358,9 +441,18 @@ def main(argv=None) -> None:
         "model_config": config.to_dict(),
         "n_parameters": n_params,
         "tokenizer_vocab": len(tokenizer),
+        "continued_from": earlier.get("command") if args.init else None,
+        "earlier_runs": (earlier.get("earlier_runs", []) + [_summary(earlier)]) if args.init else [],
+        "curriculum_start": args.curriculum_start,
+        "warm_stage": {
+            "lengths": WARM_STAGE[0],
+            "batch_tokens": WARM_STAGE[1],
+            "tasks": WARM_STAGE[3],
+            "until_loss": args.warm_loss,
+            "ended_at_train_minutes": None if warm_until is None else round(warm_until / 60, 2),
+        },
         "curriculum": [
-            {"until_fraction": e, "lengths": ls, "batch_tokens": bt, "pose_probability": pp, "tasks": ts or "all"}
-            for e, ls, bt, pp, ts in STAGES
+            {"until_fraction": e, "lengths": ls, "batch_tokens": bt, "pose_probability": pp} for e, ls, bt, pp in STAGES
         ],
         "pose_max_position": MAX_POS,
         "task_weights": TASK_WEIGHTS,
