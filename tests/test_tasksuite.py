@@ -152,3 +152,33 @@ def test_extra_training_questions_are_answered_by_the_document():
             mk = make_example("niah_multikey", 600, seed)
             n_keys = len(re.findall("The special magic number for", mk.document))
             assert len(mk.extra) == n_keys - 1  # every key but the asked one
+
+
+def test_training_sequences_label_only_the_answers(tokenizer):
+    """train.py's sequences: the evaluation prompt comes first, unchanged; labels cover exactly the
+    answers (+ EOS) of the questions that fit; the copying warm-up labels the repeated text."""
+    import random
+
+    from dynkv_cli.bench import train
+
+    ex = make_example("niah_multikey", 300, 4, tokenizer)
+    ids, labels = train.encode_training(ex, tokenizer, random.Random(0), max_tokens=10_000)
+    prompt, ans = train.encode_example(ex, tokenizer)
+    assert ids[: len(prompt) + len(ans)] == prompt + ans and len(ids) == len(labels)
+    eos = tokenizer.eos_token_id
+    spans, cur = [], []
+    for i, lab in zip(ids, labels, strict=True):
+        if lab != -100:
+            assert lab == i
+            cur.append(i)
+            if i == eos:
+                spans.append(tokenizer.decode(cur[:-1]).strip())
+                cur = []
+    assert spans[0] == ex.answer and sorted(spans[1:]) == sorted(a for _, _, a in ex.extra)
+    short, short_labels = train.encode_training(ex, tokenizer, random.Random(0), max_tokens=20)
+    assert len(short) - len(prompt) - len(ans) <= 20 and len(short) < len(ids)
+
+    ids, labels = train.copy_sequence(random.Random(1), 200, tokenizer)
+    text = tokenizer.decode(ids[1:]).split("\nRepeat the text.\nAnswer:")[0]
+    target = [t for t in labels if t != -100]
+    assert tokenizer.decode(target[:-1]).strip() == text and target[-1] == eos
