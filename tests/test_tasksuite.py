@@ -182,3 +182,44 @@ def test_training_sequences_label_only_the_answers(tokenizer):
     text = tokenizer.decode(ids[1:]).split("\nRepeat the text.\nAnswer:")[0]
     target = [t for t in labels if t != -100]
     assert tokenizer.decode(target[:-1]).strip() == text and target[-1] == eos
+
+
+def test_train_script_runs_end_to_end(tmp_path):
+    """A few seconds of python -m dynkv_cli.bench.train with a toy model: it saves a loadable model,
+    its tokenizer and training.json with the final evaluation; --init continues from it."""
+    import json
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from dynkv_cli.bench import train
+
+    out = tmp_path / "m"
+    small = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--kv-heads", "1"]
+    args = ["--out", str(out), "--minutes", "0.05", "--threads", "1", "--n-eval", "1", "--lengths", "128", *small]
+    train.main(args)
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] >= 1 and set(record["final_eval"]["128"]) == {*TASKS, "average"}
+    assert record["curriculum"][0]["tasks"] == "all" and record["warm_stage"]["tasks"] == ["copy"]
+    LlamaForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    out2 = tmp_path / "m2"
+    train.main(
+        [
+            "--init",
+            str(out),
+            "--out",
+            str(out2),
+            "--minutes",
+            "0.03",
+            "--threads",
+            "1",
+            "--n-eval",
+            "1",
+            "--lengths",
+            "128",
+        ]
+    )
+    record2 = json.loads((out2 / "training.json").read_text())
+    assert (
+        record2["earlier_runs"][0]["steps"] == record["steps"] and record2["warm_stage"]["ended_at_train_minutes"] == 0
+    )

@@ -425,7 +425,8 @@ def main(argv=None) -> None:
             t_eval += time.time() - t1
             history.append({"step": step, "train_minutes": round(t_train / 60, 2), "loss": ema, "eval": res})
             log(f"eval at step {step} ({time.time() - t1:.0f}s):\n" + fmt(res))
-            save(model, tokenizer, out, {"status": "checkpoint", "step": step, "history": history})
+            command = "python -m dynkv_cli.bench.train " + " ".join(sys.argv[1:] if argv is None else argv)
+            save(model, tokenizer, out, {"status": "checkpoint", "command": command, "step": step, "history": history})
 
     log(f"training done: {step} steps, {tokens} tokens, {t_train / 60:.1f} min")
     t1 = time.time()
@@ -452,7 +453,8 @@ def main(argv=None) -> None:
             "ended_at_train_minutes": None if warm_until is None else round(warm_until / 60, 2),
         },
         "curriculum": [
-            {"until_fraction": e, "lengths": ls, "batch_tokens": bt, "pose_probability": pp} for e, ls, bt, pp in STAGES
+            {"until_fraction": e, "lengths": ls, "batch_tokens": bt, "pose_probability": pp, "tasks": ts or "all"}
+            for e, ls, bt, pp, ts in STAGES
         ],
         "pose_max_position": MAX_POS,
         "task_weights": TASK_WEIGHTS,
