@@ -9,7 +9,8 @@ Prompt format (plain text, no chat template), see :func:`format_prompt`::
 
     <document>\\n<question>\\nAnswer: <answer><eos>
 
-The document is the prefix the engine streams; ``"\\n" + question + "\\nAnswer:"`` is the suffix.
+The document is the prefix the engine streams; ``"\\n" + question + "\\nAnswer:"`` is the suffix,
+followed by the start of the answer for the keyed lookups (RULER's answer prefix, :func:`suffix_text`).
 The question alone is also a meaningful probe for scoring tokens while the document streams.
 """
 
@@ -20,6 +21,7 @@ import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = [
     "TASKS",
@@ -30,6 +32,7 @@ __all__ = [
     "make_example",
     "make_suite",
     "score",
+    "suffix_text",
     "suite_seed",
     "vocabulary_text",
 ]
@@ -356,20 +359,27 @@ TASKS: dict[str, TaskSpec] = {
 # Examples
 
 
-def _suffix(question: str, prefix: str = "") -> str:
+def suffix_text(question: str, prefix: str = "") -> str:
+    """What follows the document: ``"\n" + question + "\nAnswer:"``, then ``" " + prefix`` when the
+    task gives the start of the answer. Also how train.py asks an example's extra questions."""
     return "\n" + question + "\nAnswer:" + (" " + prefix if prefix else "")
 
 
 def format_prompt(example: Example) -> tuple[str, str]:
-    """(document_text, suffix_text); the model continues the suffix with ``" " + answer`` and EOS.
-    The suffix is ``"\n" + question + "\nAnswer:"``, followed by ``" " + prefix`` for the tasks that
-    give the start of the answer."""
-    return example.document, _suffix(example.question, example.prefix)
+    """(document_text, suffix_text); the model continues the suffix with ``" " + answer`` and EOS."""
+    return example.document, suffix_text(example.question, example.prefix)
 
 
-def format_extra(question: str, prefix: str) -> str:
-    """The text that asks one of an example's extra (training) questions after the document."""
-    return _suffix(question, prefix)
+class _Built(NamedTuple):
+    """What a task builder returns (builders give the leading fields, positionally)."""
+
+    needles: list  # (depth, sentence), in document order
+    question: str
+    answer: str
+    answers: list
+    depth: float | None = None  # None: the first needle's depth
+    extra: tuple = ()  # training-only (question, prefix, answer)
+    prefix: str = ""
 
 
 def make_example(task: str, n_tokens: int, seed: int, tokenizer=None) -> Example:
@@ -377,12 +387,10 @@ def make_example(task: str, n_tokens: int, seed: int, tokenizer=None) -> Example
     if task not in _BUILDERS:
         raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     rng = random.Random(f"{task}:{n_tokens}:{seed}")
-    out = _BUILDERS[task](rng, n_tokens)
-    needles, question, answer, answers = out[:4]
-    depth = out[4] if len(out) > 4 and out[4] is not None else needles[0][0]
-    extra = tuple(tuple(qa) for qa in out[5]) if len(out) > 5 else ()
-    prefix = out[6] if len(out) > 6 else ""
-    suffix = _suffix(question, prefix)
+    needles, question, answer, answers, depth, extra, prefix = _Built(*_BUILDERS[task](rng, n_tokens))
+    depth = needles[0][0] if depth is None else depth
+    extra = tuple(tuple(qa) for qa in extra)
+    suffix = suffix_text(question, prefix)
     fixed = sum(count_tokens([s for _, s in needles] + [suffix], tokenizer)) + 1  # +1: BOS
     sents, counts = _filler(rng, max(0, n_tokens - fixed), tokenizer)
     total = sum(counts)

@@ -25,11 +25,11 @@ import torch
 
 from dynkv_cli.bench.tasks import (
     TASKS,
-    format_extra,
     format_prompt,
     make_example,
     make_suite,
     score,
+    suffix_text,
     suite_seed,
     vocabulary_text,
 )
@@ -99,7 +99,7 @@ def encode_training(ex, tokenizer, rng: random.Random, max_tokens: int):
     rng.shuffle(extra)
     room = max_tokens
     for q, prefix, a in extra:
-        p = be.encode(format_extra(q, prefix), add_special_tokens=False).ids
+        p = be.encode(suffix_text(q, prefix), add_special_tokens=False).ids
         a_ids = be.encode(" " + a, add_special_tokens=False).ids + [tokenizer.eos_token_id]
         room -= len(p) + len(a_ids)
         if room < 0:
@@ -112,19 +112,22 @@ def encode_training(ex, tokenizer, rng: random.Random, max_tokens: int):
 def copy_sequence(rng: random.Random, n_tokens: int, tokenizer):
     """A training-only warm-up task (not in the suite): a short text of filler, keyed numbers and
     invented words, then the same text again. Every token of the repeat is a copying target, which
-    makes the copying (induction) circuit form in a few hundred steps; the suite's lookups are built
-    on it, and with one answer per document they alone take far longer to get there."""
+    makes the copying (induction) circuit form in about 1000 steps; the suite's lookups are built on
+    it, and trained on them alone it did not form in 2000."""
     from dynkv_cli.bench import tasks as T
 
     parts: list[str] = []
-    while sum(T.count_tokens(parts, tokenizer)) < n_tokens // 2:
+    total = 0
+    while total < n_tokens // 2:
         r = rng.random()
         if r < 0.35:
-            parts.append(T._magic(rng.choice(T.KEYS), T._number(rng, rng.choice((5, 6)), set())))
+            part = T._magic(rng.choice(T.KEYS), T._number(rng, rng.choice((5, 6)), set()))
         elif r < 0.5:
-            parts.append(" " + " ".join(rng.choice(T.KEYS + T.MARKED) for _ in range(rng.randint(2, 5))) + ".")
+            part = " " + " ".join(rng.choice(T.KEYS + T.MARKED) for _ in range(rng.randint(2, 5))) + "."
         else:
-            parts.append(" " + T._sentence(rng))
+            part = " " + T._sentence(rng)
+        parts.append(part)
+        total += T.count_tokens([part], tokenizer)[0]
     text = "".join(parts).lstrip(" ")
     be = tokenizer.backend_tokenizer
     ids = be.encode(text + "\nRepeat the text.\nAnswer:").ids
