@@ -254,7 +254,9 @@ class _Memory:
     def peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return (_proc_status_kib("VmHWM") or 0) * 1024
+        # The kernel's RSS counters are cached per thread and synced lazily, so VmHWM read after the run can
+        # come out a few KiB below the VmRSS read at start(); the peak since start() is at least that baseline.
+        return max((_proc_status_kib("VmHWM") or 0) * 1024, self.base)
 
 
 def _sync(device: torch.device) -> None:
