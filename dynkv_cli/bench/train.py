@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -45,13 +46,20 @@ def log(msg: str) -> None:
 # Tokenizer
 
 
-def train_tokenizer(seed: int, vocab_size: int = 2048):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def train_tokenizer(seed: int, vocab_size: int = 4096):
+    """A byte-level BPE tokenizer for the suite's text. Numbers are split left to right into groups
+    of up to three digits, each one token (as in Llama 3's tokenizer): with single-digit tokens the
+    small model learnt which digits a needle holds but not their order, since a digit recurs within
+    and across needles and so cannot by itself point at the next one."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -61,7 +69,9 @@ def train_tokenizer(seed: int, vocab_size: int = 2048):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(vocabulary_text(seed, 400), trainer)
+    # every digit group twice (first, so their merges are learnt whatever the vocabulary size), then the suite's text
+    groups = [f"{i:0{k}d}" for k in (1, 2, 3) for i in range(10**k)]
+    tok.train_from_iterator([" ".join(groups)] * 2 + list(vocabulary_text(seed, 400)), trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
@@ -149,14 +159,35 @@ TASK_WEIGHTS = {
 }
 
 COPY_TASKS = ("copy",)
+LOOKUP_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "copy")
 
-# First, only the copying warm-up on short texts, in small batches (many steps: the copy circuit
+
+class PreStage(NamedTuple):
+    """A stage run until its answer loss (EMA) is below `until` (a command-line option) or `cap` of the
+    training time has passed, whichever comes first."""
+
+    name: str
+    lengths: list[int]
+    batch_tokens: int
+    pose: float
+    tasks: tuple[str, ...]
+    until: str  # the option holding the loss threshold
+    cap: float
+
+
+# First the copying warm-up alone on short texts, in small batches (many steps: the copy circuit
 # appears suddenly after enough steps, not enough tokens; mixed with the suite's tasks it did not
-# appear in 2000 steps, alone it does in about 1000-1500), until the answer loss falls below
-# --warm-loss or 40% of the time has passed. The stages below then share the rest of the time.
-WARM_STAGE = ([96], 2048, 0.0, COPY_TASKS)
+# appear in 2000 steps, alone it does in about 1000-1500). Then the keyed lookups (with copying
+# kept in the mix) on short documents: after the copy stage the curriculum below learnt which digits
+# a needle holds but not their order (answers came out as permutations of the right digits).
+# The STAGES then share the rest of the time.
+PRE_STAGES = [
+    PreStage("copy", [96], 2048, 0.0, COPY_TASKS, "warm_loss", 0.4),
+    PreStage("lookup", [128, 192, 256], 2048, 0.0, LOOKUP_TASKS, "lookup_loss", 0.7),
+]
+STAGE_NAMES = [s.name for s in PRE_STAGES] + ["curriculum"]
 
-STAGES = [  # (end as a fraction of the time after the warm stage, lengths, batch tokens, PoSE probability, tasks)
+STAGES = [  # (end as a fraction of the time after the pre-stages, lengths, batch tokens, PoSE probability, tasks)
     # every task, then longer documents, keeping some short ones in the mix so nothing learnt is lost
     (0.30, [96, 128, 256, 512], 8192, 0.3, None),
     (0.60, [256, 512, 1024, 1536, 2048], 8192, 0.5, None),
@@ -318,14 +349,20 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--rope-theta", type=float, default=1e6)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--lr", type=float, default=2.5e-3)
     p.add_argument("--eval-every", type=float, default=6.0, help="minutes between progress evaluations")
     p.add_argument("--n-eval", type=int, default=10, help="final evaluation examples per task and length")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="final evaluation lengths")
     p.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and record it")
-    p.add_argument("--warm-loss", type=float, default=0.6, help="answer loss that ends the warm (copying) stage")
+    p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
+    p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
     p.add_argument("--init", help="continue from the model and tokenizer in this folder (a fresh optimizer)")
+    p.add_argument(
+        "--first-stage",
+        choices=STAGE_NAMES,
+        help="the stage to start at (default: copy from scratch, curriculum with --init)",
+    )
     p.add_argument(
         "--curriculum-start", type=float, default=0.0, help="start the curriculum at this fraction (with --init)"
     )
@@ -385,22 +422,33 @@ def main(argv=None) -> None:
     next_eval = args.eval_every * 60
     history = []
     ema = None
-    warm_until = None
+    first = args.first_stage or ("curriculum" if args.init else "copy")
+    stage_i = STAGE_NAMES.index(first)  # index into PRE_STAGES, len(PRE_STAGES) = the curriculum
+    stage_steps = 0
+    ended: dict[str, float | None] = {}
+    curriculum_from = 0.0 if stage_i == len(PRE_STAGES) else None
     model.train()
     while t_train < budget:
         t0 = time.time()
-        if warm_until is None and (args.init or (ema is not None and ema < args.warm_loss and step > 100)):
-            warm_until = t_train
-            log(f"warm stage done at step {step} ({t_train / 60:.1f} min), loss {ema}")
-        elif warm_until is None and t_train > 0.4 * budget:
-            warm_until = t_train
-            log(f"warm stage stopped at 40% of the time, step {step}, loss {ema:.3f}")
-        if warm_until is None:
-            lengths, batch_tokens, pose, tasks = WARM_STAGE
+        if stage_i < len(PRE_STAGES):
+            pre = PRE_STAGES[stage_i]
+            threshold = getattr(args, pre.until)
+            done = ema is not None and ema < threshold and stage_steps > 100
+            if done or t_train > pre.cap * budget:
+                why = f"loss {ema:.3f} < {threshold}" if done else f"{pre.cap:.0%} of the time"
+                log(f"stage {pre.name} ended at step {step} ({t_train / 60:.1f} min, {why})")
+                ended[pre.name] = round(t_train / 60, 2)
+                stage_i, stage_steps, ema = stage_i + 1, 0, None
+                if stage_i == len(PRE_STAGES):
+                    curriculum_from = t_train
+        if stage_i < len(PRE_STAGES):
+            pre = PRE_STAGES[stage_i]
+            lengths, batch_tokens, pose, tasks = pre.lengths, pre.batch_tokens, pre.pose, pre.tasks
         else:
-            rest = (t_train - warm_until) / max(1e-9, budget - warm_until)
+            rest = (t_train - curriculum_from) / max(1e-9, budget - curriculum_from)
             frac = args.curriculum_start + (1 - args.curriculum_start) * rest
             lengths, batch_tokens, pose, tasks = stage(frac)
+        stage_steps += 1
         length = rng.choice(lengths)
         x, y, pos = make_batch(rng, counter, length, batch_tokens, tokenizer, args.seed, pose, tasks)
         x, y, pos = x.to(device), y.to(device), pos.to(device)
@@ -448,13 +496,20 @@ def main(argv=None) -> None:
         "continued_from": earlier.get("command") if args.init else None,
         "earlier_runs": (earlier.get("earlier_runs", []) + [_summary(earlier)]) if args.init else [],
         "curriculum_start": args.curriculum_start,
-        "warm_stage": {
-            "lengths": WARM_STAGE[0],
-            "batch_tokens": WARM_STAGE[1],
-            "tasks": WARM_STAGE[3],
-            "until_loss": args.warm_loss,
-            "ended_at_train_minutes": None if warm_until is None else round(warm_until / 60, 2),
-        },
+        "first_stage": first,
+        "pre_stages": [
+            {
+                "name": ps.name,
+                "lengths": ps.lengths,
+                "batch_tokens": ps.batch_tokens,
+                "tasks": list(ps.tasks),
+                "until_loss": getattr(args, ps.until),
+                "time_cap_fraction": ps.cap,
+                "ended_at_train_minutes": ended.get(ps.name),
+            }
+            for ps in PRE_STAGES
+        ],
+        "curriculum_from_train_minutes": None if curriculum_from is None else round(curriculum_from / 60, 2),
         "curriculum": [
             {"until_fraction": e, "lengths": ls, "batch_tokens": bt, "pose_probability": pp, "tasks": ts or "all"}
             for e, ls, bt, pp, ts in STAGES
