@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import types
 
 import pytest
+import torch
 
 from dynkv_cli.bench import tasks as T
 from dynkv_cli.bench.tasks import TASKS, Example, count_tokens, format_prompt, make_example, make_suite, score
@@ -224,6 +226,31 @@ def test_train_script_runs_end_to_end(tmp_path):
         ]
     )
     record2 = json.loads((out2 / "training.json").read_text())
-    assert (
-        record2["earlier_runs"][0]["steps"] == record["steps"] and record2["curriculum_from_train_minutes"] == 0
-    )
+    assert record2["earlier_runs"][0]["steps"] == record["steps"] and record2["curriculum_from_train_minutes"] == 0
+
+
+class _Shift(torch.nn.Module):
+    """A stand-in model whose logits at position i point at token x[i + offset]: offset 1 is an
+    oracle (teacher forcing shows it the answer), offset 0 repeats the current token."""
+
+    def __init__(self, vocab: int, offset: int):
+        super().__init__()
+        self.vocab, self.offset = vocab, offset
+
+    def forward(self, x):
+        target = torch.roll(x, -self.offset, dims=1)
+        return types.SimpleNamespace(logits=torch.nn.functional.one_hot(target, self.vocab).float())
+
+
+def test_answer_token_accuracy_scores_each_answer_token(tokenizer):
+    from dynkv_cli.bench.train import answer_token_accuracy, encode_example
+
+    tasks = ["niah_single", "vt"]
+    oracle = answer_token_accuracy(_Shift(len(tokenizer), 1), tokenizer, 200, 2, 0, "cpu", tasks)
+    assert set(oracle) == set(tasks) and all(v == [1.0] * len(v) for v in oracle.values())
+    ex = make_suite(["niah_single"], 200, 1, 0, "eval", tokenizer)[0]
+    _, ans = encode_example(ex, tokenizer)
+    assert len(oracle["niah_single"]) == min(8, len(ans))
+    # repeating the current token: right only where an answer token equals the one before it
+    echo = answer_token_accuracy(_Shift(len(tokenizer), 0), tokenizer, 200, 2, 0, "cpu", ["niah_single"])
+    assert len(echo["niah_single"]) == len(oracle["niah_single"]) and max(echo["niah_single"]) < 1.0

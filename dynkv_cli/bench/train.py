@@ -293,10 +293,36 @@ def evaluate(model, tokenizer, lengths, n, seed, device, tasks=None, predictions
     return results
 
 
+@torch.no_grad()
+def answer_token_accuracy(model, tokenizer, length: int, n: int, seed: int, device, tasks=None, first: int = 8):
+    """Per task, the teacher-forced accuracy of each of the first `first` answer tokens (the answer
+    given up to that token): it tells a model that finds a needle but not the order of its digits
+    (a flat profile that rises on the last digit, which is the one left) from one that copies."""
+    model.eval()
+    out: dict[str, list[float]] = {}
+    for task in tasks or list(TASKS):
+        hits: list[int] = []
+        seen: list[int] = []
+        for ex in make_suite([task], length, n, seed, "eval", tokenizer):
+            ids, ans = encode_example(ex, tokenizer)
+            x = torch.tensor([ids + ans], device=device)
+            pred = model(x).logits[0, len(ids) - 1 : len(ids) + len(ans) - 1].argmax(-1).tolist()
+            for i, (p, a) in enumerate(list(zip(pred, ans, strict=True))[:first]):
+                if i == len(hits):
+                    hits.append(0)
+                    seen.append(0)
+                hits[i] += int(p == a)
+                seen[i] += 1
+        out[task] = [round(h / s, 2) for h, s in zip(hits, seen, strict=True)]
+    model.train()
+    return out
+
+
 def fmt(results) -> str:
     lines = []
     for length, row in results.items():
-        lines.append(f"  {length:>6}: " + " ".join(f"{k}={v:.2f}" for k, v in row.items()))
+        cells = (f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        lines.append(f"  {length:>6}: " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -355,6 +381,11 @@ def main(argv=None) -> None:
     p.add_argument("--n-eval", type=int, default=10, help="final evaluation examples per task and length")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="final evaluation lengths")
     p.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and record it")
+    p.add_argument(
+        "--token-accuracy",
+        action="store_true",
+        help="with --eval-only: also the teacher-forced accuracy of each answer token, per task and length",
+    )
     p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
     p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
     p.add_argument("--init", help="continue from the model and tokenizer in this folder (a fresh optimizer)")
@@ -384,6 +415,12 @@ def main(argv=None) -> None:
         preds: list[dict] = []
         res = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
         log("eval-only:\n" + fmt(res))
+        if args.token_accuracy:
+            per_token = {
+                str(n): answer_token_accuracy(model, tokenizer, n, args.n_eval, args.seed, device) for n in args.lengths
+            }
+            log("answer-token accuracy (teacher-forced), by answer token:\n" + fmt(per_token))
+            record["answer_token_accuracy"] = per_token
         record.setdefault("final_eval", {}).update(res)
         record.setdefault("final_eval_examples_per_task", {}).update({str(n): args.n_eval for n in args.lengths})
         (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
