@@ -48,16 +48,18 @@ def log(msg: str) -> None:
 
 def train_tokenizer(seed: int, vocab_size: int = 4096):
     """A byte-level BPE tokenizer for the suite's text. Numbers are split left to right into groups
-    of up to three digits, each one token (as in Llama 3's tokenizer): with single-digit tokens the
-    small model learnt which digits a needle holds but not their order, since a digit recurs within
-    and across needles and so cannot by itself point at the next one."""
+    of up to three digits, each one token, the first with its leading space (" 844880" is " 844",
+    "880"). With single-digit tokens the small model learnt which digits a needle holds but not
+    their order (a digit recurs within and across needles, so it cannot point at the next one); with
+    the space as a token of its own, "for K is" was three tokens away from the value instead of two,
+    and the key was not matched (multi-key lookups at chance after 30 minutes)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r" ?\d{1,3}"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
@@ -71,7 +73,8 @@ def train_tokenizer(seed: int, vocab_size: int = 4096):
     )
     # every digit group twice (first, so their merges are learnt whatever the vocabulary size), then the suite's text
     groups = [f"{i:0{k}d}" for k in (1, 2, 3) for i in range(10**k)]
-    tok.train_from_iterator([" ".join(groups)] * 2 + list(vocabulary_text(seed, 400)), trainer)
+    groups += [" " + g for g in groups]
+    tok.train_from_iterator(["\n".join(groups)] * 2 + list(vocabulary_text(seed, 400)), trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
