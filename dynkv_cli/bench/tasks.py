@@ -209,7 +209,15 @@ def _cue1(key: str) -> str:
 
 
 def _magic(key: str, value: str) -> str:
-    return f" The special magic number for {key} is {value}."
+    return f" {_cue1(key)} {value}."
+
+
+def _ask_all(key: str) -> str:
+    return f"What are all the special magic numbers for {key}?"
+
+
+def _cue_all(key: str) -> str:
+    return f"The special magic numbers for {key} are"
 
 
 def _t_passkey(rng: random.Random, n: int):
@@ -234,9 +242,8 @@ def _t_multikey(rng: random.Random, n: int):
     depths = [rng.uniform(0.0, 1.0) for _ in keys]
     needles = sorted((d, _magic(key, v)) for d, key, v in zip(depths, keys, vals, strict=True))
     i = rng.randrange(k)
-    q = f"What is the special magic number for {keys[i]}?"
     extra = [(_ask1(key), _cue1(key), v) for key, v in zip(keys, vals) if key != keys[i]]
-    return needles, q, vals[i], [vals[i]], depths[i], extra, _cue1(keys[i])
+    return needles, _ask1(keys[i]), vals[i], [vals[i]], depths[i], extra, _cue1(keys[i])
 
 
 def _t_multivalue(rng: random.Random, n: int):
@@ -253,12 +260,9 @@ def _t_multivalue(rng: random.Random, n: int):
         d = rng.uniform(0, 1)
         v = _number(rng, 6, used)
         needles.append((d, f" One of the special magic numbers for {key} is {v}."))
-        extra.append(
-            (f"What are all the special magic numbers for {key}?", f"The special magic numbers for {key} are", v)
-        )
+        extra.append((_ask_all(key), _cue_all(key), v))
     needles.sort()
-    q = f"What are all the special magic numbers for {target}?"
-    return needles, q, ", ".join(vals), vals, depths[0], extra, f"The special magic numbers for {target} are"
+    return needles, _ask_all(target), ", ".join(vals), vals, depths[0], extra, _cue_all(target)
 
 
 def _t_multiquery(rng: random.Random, n: int):

@@ -304,19 +304,15 @@ def answer_token_accuracy(model, tokenizer, length: int, n: int, seed: int, devi
     model.eval()
     out: dict[str, list[float]] = {}
     for task in tasks or list(TASKS):
-        hits: list[int] = []
-        seen: list[int] = []
+        hits, seen = [0] * first, [0] * first
         for ex in make_suite([task], length, n, seed, "eval", tokenizer):
             ids, ans = encode_example(ex, tokenizer)
             x = torch.tensor([ids + ans], device=device)
             pred = model(x).logits[0, len(ids) - 1 : len(ids) + len(ans) - 1].argmax(-1).tolist()
-            for i, (p, a) in enumerate(list(zip(pred, ans, strict=True))[:first]):
-                if i == len(hits):
-                    hits.append(0)
-                    seen.append(0)
+            for i, (p, a) in enumerate(zip(pred[:first], ans[:first], strict=True)):
                 hits[i] += int(p == a)
                 seen[i] += 1
-        out[task] = [round(h / s, 2) for h, s in zip(hits, seen, strict=True)]
+        out[task] = [round(h / s, 2) for h, s in zip(hits, seen, strict=True) if s]
     model.train()
     return out
 
@@ -465,8 +461,9 @@ def main(argv=None) -> None:
     first = args.first_stage or ("curriculum" if args.init else "copy")
     stage_i = STAGE_NAMES.index(first)  # index into PRE_STAGES, len(PRE_STAGES) = the curriculum
     stage_steps = 0
-    ended: dict[str, float | None] = {}
-    curriculum_from = 0.0 if stage_i == len(PRE_STAGES) else None
+    ended: dict[str, float] = {}
+    command = "python -m dynkv_cli.bench.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    curriculum_from: float | None = None  # train time when the curriculum began
     model.train()
     while t_train < budget:
         t0 = time.time()
@@ -479,12 +476,12 @@ def main(argv=None) -> None:
                 log(f"stage {pre.name} ended at step {step} ({t_train / 60:.1f} min, {why})")
                 ended[pre.name] = round(t_train / 60, 2)
                 stage_i, stage_steps, ema = stage_i + 1, 0, None
-                if stage_i == len(PRE_STAGES):
-                    curriculum_from = t_train
         if stage_i < len(PRE_STAGES):
             pre = PRE_STAGES[stage_i]
             lengths, batch_tokens, pose, tasks = pre.lengths, pre.batch_tokens, pre.pose, pre.tasks
         else:
+            if curriculum_from is None:
+                curriculum_from = t_train
             rest = (t_train - curriculum_from) / max(1e-9, budget - curriculum_from)
             frac = args.curriculum_start + (1 - args.curriculum_start) * rest
             lengths, batch_tokens, pose, tasks = stage(frac)
@@ -516,7 +513,6 @@ def main(argv=None) -> None:
             t_eval += time.time() - t1
             history.append({"step": step, "train_minutes": round(t_train / 60, 2), "loss": ema, "eval": res})
             log(f"eval at step {step} ({time.time() - t1:.0f}s):\n" + fmt(res))
-            command = "python -m dynkv_cli.bench.train " + " ".join(sys.argv[1:] if argv is None else argv)
             save(model, tokenizer, out, {"status": "checkpoint", "command": command, "step": step, "history": history})
 
     log(f"training done: {step} steps, {tokens} tokens, {t_train / 60:.1f} min")
@@ -525,7 +521,7 @@ def main(argv=None) -> None:
     final = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
     log("final eval (full KV, greedy):\n" + fmt(final))
     record = {
-        "command": "python -m dynkv_cli.bench.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "seed": args.seed,
         "device": str(device),
         "threads": args.threads,
