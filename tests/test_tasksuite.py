@@ -185,6 +185,18 @@ def test_training_sequences_label_only_the_answers(tokenizer):
     target = [t for t in labels if t != -100]
     assert tokenizer.decode(target[:-1]).strip() == text and target[-1] == eos
 
+    # recall: the same parts again in another order; each repeated part's first token is no target
+    ids, labels = train.recall_sequence(random.Random(1), 200, tokenizer)
+    head = "\nRepeat the parts in any order.\nAnswer:"
+    n_prompt = len(tokenizer.backend_tokenizer.encode(tokenizer.decode(ids[1:]).split(head)[0] + head).ids)
+    assert all(lab == -100 for lab in labels[:n_prompt]) and labels[-1] == ids[-1] == eos
+    parts = [p.strip() for p in tokenizer.decode(ids[1:]).split(head)[0].split(".") if p.strip()]
+    repeat, rlabels = ids[n_prompt:-1], labels[n_prompt:-1]
+    starts = [i for i, lab in enumerate(rlabels) if lab == -100]  # one per repeated part
+    pieces = [tokenizer.decode(repeat[a:b]).strip(" .") for a, b in zip(starts, [*starts[1:], len(repeat)])]
+    assert sorted(pieces) == sorted(parts) and pieces != parts
+    assert all(lab == i for i, lab in zip(repeat, rlabels) if lab != -100)
+
 
 def test_train_script_runs_end_to_end(tmp_path):
     """A few seconds of python -m dynkv_cli.bench.train with a toy model: it saves a loadable model,

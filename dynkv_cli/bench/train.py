@@ -122,11 +122,9 @@ def encode_training(ex, tokenizer, rng: random.Random, max_tokens: int):
     return ids, labels
 
 
-def copy_sequence(rng: random.Random, n_tokens: int, tokenizer):
-    """A training-only warm-up task (not in the suite): a short text of filler, keyed numbers and
-    invented words, then the same text again. Every token of the repeat is a copying target, which
-    makes the copying (induction) circuit form in about 1000 steps; the suite's lookups are built on
-    it, and trained on them alone it did not form in 2000."""
+def _copy_parts(rng: random.Random, n_tokens: int, tokenizer) -> list[str]:
+    """Parts (each with a leading space) of filler sentences, keyed numbers and invented words,
+    about `n_tokens // 2` tokens in all: the text the copying tasks repeat."""
     from dynkv_cli.bench import tasks as T
 
     parts: list[str] = []
@@ -141,11 +139,38 @@ def copy_sequence(rng: random.Random, n_tokens: int, tokenizer):
             part = " " + T._sentence(rng)
         parts.append(part)
         total += T.count_tokens([part], tokenizer)[0]
-    text = "".join(parts).lstrip(" ")
+    return parts
+
+
+def copy_sequence(rng: random.Random, n_tokens: int, tokenizer):
+    """A training-only warm-up task (not in the suite): a short text of filler, keyed numbers and
+    invented words, then the same text again. Every token of the repeat is a copying target, which
+    makes a copying circuit form in about 1000 steps; trained on the suite's lookups alone it did not
+    form in 2000."""
+    text = "".join(_copy_parts(rng, n_tokens, tokenizer)).lstrip(" ")
     be = tokenizer.backend_tokenizer
     ids = be.encode(text + "\nRepeat the text.\nAnswer:").ids
     ans = be.encode(" " + text, add_special_tokens=False).ids + [tokenizer.eos_token_id]
     return ids + ans, [-100] * len(ids) + ans
+
+
+def recall_sequence(rng: random.Random, n_tokens: int, tokenizer):
+    """A training-only task (not in the suite): the parts of a copy text, then the same parts in a
+    shuffled order. The first token of each repeated part is not a target (nothing tells which part
+    comes next); every later token is, and only content tells it: the token after this one where
+    it was read before (an induction head). The plain copy can be learnt by position alone, and a
+    model that had learnt only that answered with the right tokens in the wrong order."""
+    parts = _copy_parts(rng, n_tokens, tokenizer)
+    be = tokenizer.backend_tokenizer
+    ids = be.encode("".join(parts).lstrip(" ") + "\nRepeat the parts in any order.\nAnswer:").ids
+    labels = [-100] * len(ids)
+    for part in rng.sample(parts, len(parts)):
+        p = be.encode(part, add_special_tokens=False).ids
+        ids += p
+        labels += [-100] + p[1:]
+    ids.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id)
+    return ids, labels
 
 
 # task mix (documents per task): the tasks with extra questions already give more answers per document
@@ -156,11 +181,13 @@ TASK_WEIGHTS = {
     "niah_multiquery": 1.2,
     "vt": 1.6,
     "aggregation": 1.4,
-    "fact_start": 0.8,
+    "fact_start": 1.2,
     "fact_end": 0.8,
     "copy": 0.3,  # the warm-up copying task (copy_sequence), kept in the mix at a low weight
+    "recall": 0.4,  # copying in a shuffled order (recall_sequence): content, not position, says what comes next
 }
 
+_TRAINING_ONLY = {"copy": copy_sequence, "recall": recall_sequence}
 COPY_TASKS = ("copy",)
 LOOKUP_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "copy")
 
@@ -216,8 +243,8 @@ def make_batch(
     for _ in range(bsz):
         task = rng.choices(names, weights)[0]
         counter[0] += 1
-        if task == "copy":
-            ids, lab = copy_sequence(rng, length, tokenizer)
+        if task in _TRAINING_ONLY:
+            ids, lab = _TRAINING_ONLY[task](rng, length, tokenizer)
         else:
             ex = make_example(task, length, suite_seed("train", seed, task, length, counter[0]), tokenizer)
             ids, lab = encode_training(ex, tokenizer, rng, max_tokens=max(48, length // 2))
