@@ -190,6 +190,8 @@ def test_command_end_to_end(model_path, tmp_path):
             "1",
             "--chunk-size",
             "128",
+            "--r-max",
+            "4",
             "--json",
             str(out),
             "--markdown",
@@ -200,7 +202,7 @@ def test_command_end_to_end(model_path, tmp_path):
     assert "accuracy (%) at 512 tokens" in res.output
     assert "DynamicKV layer budgets" in res.output
     data = json.loads(out.read_text())
-    assert data["methods"] == ["full", "dynamickv", "snapkv"]
+    assert data["methods"] == ["full", "dynamickv", "snapkv"] and data["retention"]["r_max"] == 4.0
     assert len(data["predictions"]) == 2 * (1 + 2 * 2)
     fields = {"task", "length", "seed", "method", "budget", "prediction", "answer", "score", "kept_tokens", "bytes"}
     for p in data["predictions"]:
@@ -257,6 +259,25 @@ def test_rounds_are_the_suite_examples_and_time_limit_keeps_cells_equal(lm):
     assert sorted(seen[::2], key=suite.index) == suite and res.examples == 2
     res = Q.run_quality(lm, examples=3, chunk_size=128, answer_fn=answer, time_limit=1e-6, **kw)
     assert res.examples == 1 and len(res.predictions) == 2 * 2
+
+
+def test_r_max_caps_the_dynamickv_layers_and_is_recorded(lm):
+    """--r-max 1 leaves DynamicKV no layer above the average budget B (plus its window); the result
+    records the settings, and results run with other settings do not merge."""
+    from dynkv_cli.config import RetentionSettings
+
+    kw = dict(tasks=["niah_single"], lengths=[512], budgets=["5%"], methods=["dynamickv"], examples=1, chunk_size=128)
+    free = Q.run_quality(lm, answer_fn=lambda *a: "", **kw)
+    capped = Q.run_quality(lm, answer_fn=lambda *a: "", retention=RetentionSettings(r_max=1.0), **kw)
+    (p_free,) = [p for p in free.predictions if p.method == "dynamickv"]
+    (p_cap,) = [p for p in capped.predictions if p.method == "dynamickv"]
+    window = RetentionSettings().window
+    assert max(p_free.kept_per_layer) > p_free.budget_tokens + window  # uncapped, the budget moves between layers
+    assert max(p_cap.kept_per_layer) <= p_cap.budget_tokens + window
+    assert capped.to_dict()["retention"]["r_max"] == 1.0 and free.retention["r_max"] == 10.0
+    assert Q.QualityResult.from_dict(capped.to_dict()).retention == capped.retention
+    with pytest.raises(Exception, match="retention settings"):
+        Q.merge_results([free, capped])
 
 
 def test_targets_are_not_measurable_when_full_kv_fails():

@@ -268,6 +268,7 @@ class QualityResult:
     chunk_size: int
     num_layers: int
     command: str = ""
+    retention: dict = field(default_factory=dict)  # the RetentionSettings every method ran with
     predictions: list[Prediction] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -407,6 +408,7 @@ class QualityResult:
             chunk_size=int(d["chunk_size"]),
             num_layers=int(d["num_layers"]),
             command=d.get("command", ""),
+            retention=dict(d.get("retention", {})),
             predictions=[Prediction(**{k: v for k, v in p.items() if k in names}) for p in d["predictions"]],
             errors=list(d.get("errors", [])),
             seconds=float(d.get("seconds", 0.0)),
@@ -424,6 +426,7 @@ class QualityResult:
             "seed": self.seed,
             "chunk_size": self.chunk_size,
             "num_layers": self.num_layers,
+            "retention": self.retention,
             "seconds": round(self.seconds, 1),
             "table": self.table(),
             "evidence_kept": self.evidence_table(),
@@ -638,6 +641,7 @@ def run_quality(
         chunk_size=chunk,
         num_layers=lm.shape.num_layers,
         command=command,
+        retention=asdict(retention),
     )
     t0 = time.perf_counter()
     tok = lm.tokenizer
@@ -819,6 +823,8 @@ def merge_results(results: list[QualityResult]) -> QualityResult:
     for r in results[1:]:
         if (r.tasks, r.budgets, r.methods) != (first.tasks, first.budgets, first.methods):
             raise UsageError("results to merge must have the same tasks, budgets and methods")
+        if r.retention != first.retention:
+            raise UsageError("results to merge must have the same retention settings (--r-max, --r-min)")
     out = QualityResult(**{k: getattr(first, k) for k in first.__dataclass_fields__})
     out.lengths = list(dict.fromkeys(n for r in results for n in r.lengths))
     out.examples = min(r.examples for r in results)
@@ -908,6 +914,12 @@ def quality_command(
         None, "--time-limit", help="minutes: start no example round that would end past this"
     ),
     seed: int = typer.Option(0, "--seed", help="suite seed (eval split)"),
+    r_max: float | None = typer.Option(
+        None, "--r-max", help="DynamicKV's per-layer cap, a multiple of the average budget (default 10, the paper's)"
+    ),
+    r_min: float | None = typer.Option(
+        None, "--r-min", help="DynamicKV's per-layer floor, a fraction of the average budget (default 0)"
+    ),
     chunk_size: int | None = typer.Option(None, "--chunk-size", help="tokens per chunk (default 1024 on CPU)"),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: auto)"),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: auto)"),
@@ -945,6 +957,8 @@ def quality_command(
             raise UsageError("give at least one length (--lengths 4k,8k)")
         budget_list = resolve_budgets(budgets)
         method_list = resolve_methods(methods, mix)
+        given = {"r_max": r_max, "r_min": r_min}
+        retention = RetentionSettings(**{k: v for k, v in given.items() if v is not None}).validate()
         lm = load_model(model, device=device, dtype=dtype)
         total = len(length_list) * len(task_list) * examples * runs_per_example(method_list, budget_list)
         argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name.startswith("dynkv") else []
@@ -978,6 +992,7 @@ def quality_command(
                 examples=examples,
                 seed=seed,
                 chunk_size=chunk_size,
+                retention=retention,
                 on_prediction=tick,
                 time_limit=time_limit * 60 if time_limit else None,
                 model_name=model,
