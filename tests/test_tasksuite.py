@@ -235,10 +235,30 @@ def test_train_script_runs_end_to_end(tmp_path):
             "1",
             "--lengths",
             "128",
+            "--task-weight",
+            "recall=1",
+            "--task-weight",
+            "copy=0",
         ]
     )
     record2 = json.loads((out2 / "training.json").read_text())
     assert record2["earlier_runs"][0]["steps"] == record["steps"] and record2["curriculum_from_train_minutes"] == 0
+    assert "recall" not in record["task_weights"] and record["task_weights"]["copy"] == train.TASK_WEIGHTS["copy"]
+    assert record2["task_weights"]["recall"] == 1.0 and "copy" not in record2["task_weights"]
+
+
+def test_task_weights_change_the_mix(tokenizer):
+    import random
+
+    from dynkv_cli.bench import train
+
+    only_recall = train.task_weights([f"{t}=0" for t in train.TASK_WEIGHTS] + ["recall=2"])
+    assert only_recall == {"recall": 2.0}
+    x, y, _ = train.make_batch(random.Random(0), [0], 128, 512, tokenizer, 0, 0.0, None, only_recall)
+    assert all("Repeat the parts in any order." in tokenizer.decode(row) for row in x)
+    for bad in (["recall"], ["nope=1"], ["vt=x"], ["vt=-1"], [f"{t}=0" for t in train.TASK_WEIGHTS]):
+        with pytest.raises(SystemExit, match="--task-weight"):
+            train.task_weights(bad)
 
 
 class _Shift(torch.nn.Module):

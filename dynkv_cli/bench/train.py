@@ -181,11 +181,33 @@ TASK_WEIGHTS = {
     "niah_multiquery": 1.2,
     "vt": 1.6,
     "aggregation": 1.4,
-    "fact_start": 1.2,
+    "fact_start": 0.8,
     "fact_end": 0.8,
     "copy": 0.3,  # the warm-up copying task (copy_sequence), kept in the mix at a low weight
-    "recall": 0.4,  # copying in a shuffled order (recall_sequence): content, not position, says what comes next
 }
+# training-only tasks that join the mix only when given a weight (--task-weight recall=0.4)
+OPTIONAL_TASKS = ("recall",)  # copying in a shuffled order (recall_sequence)
+
+
+def task_weights(overrides: list[str] | None) -> dict[str, float]:
+    """TASK_WEIGHTS with `--task-weight NAME=W` overrides applied (W = 0 drops a task from the mix)."""
+    weights = dict(TASK_WEIGHTS)
+    for item in overrides or []:
+        name, sep, value = item.partition("=")
+        if not sep or name not in {*TASK_WEIGHTS, *OPTIONAL_TASKS}:
+            known = ", ".join([*TASK_WEIGHTS, *OPTIONAL_TASKS])
+            raise SystemExit(f"--task-weight takes NAME=WEIGHT with NAME one of {known} (got {item!r})")
+        try:
+            w = float(value)
+        except ValueError:
+            raise SystemExit(f"--task-weight {item!r}: the weight must be a number") from None
+        if w < 0:
+            raise SystemExit(f"--task-weight {item!r}: the weight must be 0 or more")
+        weights[name] = w
+    mix = {n: w for n, w in weights.items() if w > 0}
+    if not mix:
+        raise SystemExit("--task-weight: every task has weight 0, nothing is left to train on")
+    return mix
 
 _TRAINING_ONLY = {"copy": copy_sequence, "recall": recall_sequence}
 COPY_TASKS = ("copy",)
@@ -234,14 +256,23 @@ def stage(frac: float):
 
 
 def make_batch(
-    rng: random.Random, counter: list[int], length: int, batch_tokens: int, tokenizer, seed, pose: float, tasks=None
+    rng: random.Random,
+    counter: list[int],
+    length: int,
+    batch_tokens: int,
+    tokenizer,
+    seed,
+    pose: float,
+    tasks=None,
+    weights: dict[str, float] | None = None,
 ):
     bsz = max(1, batch_tokens // length)
-    names = list(tasks or TASK_WEIGHTS)
-    weights = [1.0] * len(names) if tasks else [TASK_WEIGHTS[n] for n in names]
+    mix = weights or TASK_WEIGHTS  # the curriculum's mix; a stage's own `tasks` are drawn uniformly
+    names = list(tasks or mix)
+    draw = [1.0] * len(names) if tasks else [mix[n] for n in names]
     seqs, labs = [], []
     for _ in range(bsz):
-        task = rng.choices(names, weights)[0]
+        task = rng.choices(names, draw)[0]
         counter[0] += 1
         if task in _TRAINING_ONLY:
             ids, lab = _TRAINING_ONLY[task](rng, length, tokenizer)
@@ -414,6 +445,12 @@ def main(argv=None) -> None:
     )
     p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
     p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
+    p.add_argument(
+        "--task-weight",
+        action="append",
+        metavar="NAME=W",
+        help="change a task's share of the curriculum's mix (repeatable; recall joins only this way)",
+    )
     p.add_argument("--init", help="continue from the model and tokenizer in this folder (a fresh optimizer)")
     p.add_argument(
         "--first-stage",
@@ -424,6 +461,7 @@ def main(argv=None) -> None:
         "--curriculum-start", type=float, default=0.0, help="start the curriculum at this fraction (with --init)"
     )
     args = p.parse_args(argv)
+    weights = task_weights(args.task_weight)
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -514,7 +552,7 @@ def main(argv=None) -> None:
             lengths, batch_tokens, pose, tasks = stage(frac)
         stage_steps += 1
         length = rng.choice(lengths)
-        x, y, pos = make_batch(rng, counter, length, batch_tokens, tokenizer, args.seed, pose, tasks)
+        x, y, pos = make_batch(rng, counter, length, batch_tokens, tokenizer, args.seed, pose, tasks, weights)
         x, y, pos = x.to(device), y.to(device), pos.to(device)
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t_train / budget)))
         for g in opt.param_groups:
@@ -578,7 +616,7 @@ def main(argv=None) -> None:
             for e, ls, bt, pp, ts in STAGES
         ],
         "pose_max_position": MAX_POS,
-        "task_weights": TASK_WEIGHTS,
+        "task_weights": weights,
         "lr": args.lr,
         "steps": step,
         "train_tokens": tokens,
