@@ -209,6 +209,7 @@ def task_weights(overrides: list[str] | None) -> dict[str, float]:
         raise SystemExit("--task-weight: every task has weight 0, nothing is left to train on")
     return mix
 
+
 _TRAINING_ONLY = {"copy": copy_sequence, "recall": recall_sequence}
 COPY_TASKS = ("copy",)
 LOOKUP_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "copy")
