@@ -122,12 +122,13 @@ def encode_training(ex, tokenizer, rng: random.Random, max_tokens: int):
     return ids, labels
 
 
-def _copy_parts(rng: random.Random, n_tokens: int, tokenizer) -> list[str]:
-    """Parts (each with a leading space) of filler sentences, keyed numbers and invented words,
-    about `n_tokens // 2` tokens in all: the text the copying tasks repeat."""
+def _copy_parts(rng: random.Random, n_tokens: int, tokenizer) -> list[tuple[str, list[int]]]:
+    """Parts (each with a leading space) of filler sentences, keyed numbers and invented words, with
+    their token ids, about `n_tokens // 2` tokens in all: the text the copying tasks repeat."""
     from dynkv_cli.bench import tasks as T
 
-    parts: list[str] = []
+    be = tokenizer.backend_tokenizer
+    parts: list[tuple[str, list[int]]] = []
     total = 0
     while total < n_tokens // 2:
         r = rng.random()
@@ -137,8 +138,9 @@ def _copy_parts(rng: random.Random, n_tokens: int, tokenizer) -> list[str]:
             part = " " + " ".join(rng.choice(T.KEYS + T.MARKED) for _ in range(rng.randint(2, 5))) + "."
         else:
             part = " " + T._sentence(rng)
-        parts.append(part)
-        total += T.count_tokens([part], tokenizer)[0]
+        ids = be.encode(part, add_special_tokens=False).ids
+        parts.append((part, ids))
+        total += len(ids)
     return parts
 
 
@@ -147,7 +149,7 @@ def copy_sequence(rng: random.Random, n_tokens: int, tokenizer):
     invented words, then the same text again. Every token of the repeat is a copying target, which
     makes a copying circuit form in about 1000 steps; trained on the suite's lookups alone it did not
     form in 2000."""
-    text = "".join(_copy_parts(rng, n_tokens, tokenizer)).lstrip(" ")
+    text = "".join(part for part, _ in _copy_parts(rng, n_tokens, tokenizer)).lstrip(" ")
     be = tokenizer.backend_tokenizer
     ids = be.encode(text + "\nRepeat the text.\nAnswer:").ids
     ans = be.encode(" " + text, add_special_tokens=False).ids + [tokenizer.eos_token_id]
@@ -162,10 +164,9 @@ def recall_sequence(rng: random.Random, n_tokens: int, tokenizer):
     model that had learnt only that answered with the right tokens in the wrong order."""
     parts = _copy_parts(rng, n_tokens, tokenizer)
     be = tokenizer.backend_tokenizer
-    ids = be.encode("".join(parts).lstrip(" ") + "\nRepeat the parts in any order.\nAnswer:").ids
+    ids = be.encode("".join(part for part, _ in parts).lstrip(" ") + "\nRepeat the parts in any order.\nAnswer:").ids
     labels = [-100] * len(ids)
-    for part in rng.sample(parts, len(parts)):
-        p = be.encode(part, add_special_tokens=False).ids
+    for _, p in rng.sample(parts, len(parts)):
         ids += p
         labels += [-100] + p[1:]
     ids.append(tokenizer.eos_token_id)
@@ -185,8 +186,9 @@ TASK_WEIGHTS = {
     "fact_end": 0.8,
     "copy": 0.3,  # the warm-up copying task (copy_sequence), kept in the mix at a low weight
 }
-# training-only tasks that join the mix only when given a weight (--task-weight recall=0.4)
-OPTIONAL_TASKS = ("recall",)  # copying in a shuffled order (recall_sequence)
+# the training-only tasks (not in the suite); those not in TASK_WEIGHTS (recall) join the mix only
+# when given a weight (--task-weight recall=0.4)
+_TRAINING_ONLY = {"copy": copy_sequence, "recall": recall_sequence}
 
 
 def task_weights(overrides: list[str] | None) -> dict[str, float]:
@@ -194,8 +196,8 @@ def task_weights(overrides: list[str] | None) -> dict[str, float]:
     weights = dict(TASK_WEIGHTS)
     for item in overrides or []:
         name, sep, value = item.partition("=")
-        if not sep or name not in {*TASK_WEIGHTS, *OPTIONAL_TASKS}:
-            known = ", ".join([*TASK_WEIGHTS, *OPTIONAL_TASKS])
+        if not sep or name not in {*TASKS, *_TRAINING_ONLY}:
+            known = ", ".join([*TASKS, *_TRAINING_ONLY])
             raise SystemExit(f"--task-weight takes NAME=WEIGHT with NAME one of {known} (got {item!r})")
         try:
             w = float(value)
@@ -210,7 +212,6 @@ def task_weights(overrides: list[str] | None) -> dict[str, float]:
     return mix
 
 
-_TRAINING_ONLY = {"copy": copy_sequence, "recall": recall_sequence}
 COPY_TASKS = ("copy",)
 LOOKUP_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "copy")
 
