@@ -286,3 +286,56 @@ def test_answer_token_accuracy_scores_each_answer_token(tokenizer):
     # repeating the current token: right only where an answer token equals the one before it
     echo = answer_token_accuracy(_Shift(len(tokenizer), 0), tokenizer, 200, 2, 0, "cpu", ["niah_single"])
     assert len(echo["niah_single"]) == len(oracle["niah_single"]) and max(echo["niah_single"]) < 1.0
+
+
+class _Induction(torch.nn.Module):
+    """A stand-in model that, at the last position, points at the token that followed the first
+    earlier occurrence of the last `context` tokens: context 1 is an induction head that copies a
+    value without knowing whose it is, context 2 matches "K is" and so binds the value to its key."""
+
+    def __init__(self, vocab: int, context: int):
+        super().__init__()
+        self.vocab, self.context = vocab, context
+
+    def forward(self, x):
+        seq, c = x[0].tolist(), self.context
+        tail = seq[-c:]
+        nxt = next(seq[i + c] for i in range(len(seq) - c) if seq[i : i + c] == tail)
+        logits = torch.zeros(1, len(seq), self.vocab)
+        logits[0, -1, nxt] = 1.0
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_binding_tells_copying_from_binding(tokenizer):
+    from dynkv_cli.bench.train import binding_accuracy
+
+    bound = binding_accuracy(_Induction(len(tokenizer), 2), tokenizer, 8, 0, "cpu")
+    assert list(bound) == ["1", "2", "4", "8"]
+    assert all(r["right"] == 1.0 and r["in_context"] == 1.0 for r in bound.values())
+    assert [r["chance"] for r in bound.values()] == [1.0, 0.5, 0.25, 0.125]
+    # copying the value of the first needle: always a value from the context, the right one about 1/k of the time
+    copied = binding_accuracy(_Induction(len(tokenizer), 1), tokenizer, 8, 0, "cpu")
+    assert all(r["in_context"] == 1.0 for r in copied.values())
+    assert copied["1"]["right"] == 1.0 and copied["8"]["right"] < 0.5
+
+
+def test_lm_weight_adds_the_document_loss(tokenizer):
+    import random
+
+    from transformers import LlamaForCausalLM
+
+    from dynkv_cli.bench import train
+
+    ns = types.SimpleNamespace(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1, rope_theta=1e4)
+    model = LlamaForCausalLM._from_config(train.model_config(tokenizer, ns))
+    x, y, pos = train.make_batch(random.Random(0), [0], 96, 192, tokenizer, 0, 0.0, ("niah_single", "vt"))
+    assert (x == tokenizer.pad_token_id).any()  # rows of different lengths: padding is excluded below
+    plain, ans = train.answer_loss(model, x, y, pos)
+    assert torch.equal(plain, ans)
+    total, ans2 = train.answer_loss(model, x, y, pos, lm_weight=0.5)
+    assert torch.allclose(ans2, ans)
+    logits = model(x, position_ids=pos).logits[:, :-1].float()
+    nxt, lab = x[:, 1:], y[:, 1:]
+    rest = (lab == -100) & (nxt != tokenizer.pad_token_id)
+    lm = torch.nn.functional.cross_entropy(logits[rest], nxt[rest])
+    assert torch.allclose(total, ans + 0.5 * lm, atol=1e-5)

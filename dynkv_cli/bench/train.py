@@ -301,7 +301,9 @@ def make_batch(
     return input_ids, labels, pos
 
 
-def answer_loss(model, input_ids, labels, pos):
+def answer_loss(model, input_ids, labels, pos, lm_weight: float = 0.0):
+    """(loss to train on, answer loss): the cross-entropy of the answer tokens, plus `lm_weight`
+    times that of every other next token (the documents and questions, padding excluded)."""
     # An explicit mask: without one, transformers reads a jump in position_ids as the start of a
     # new packed sequence and blocks attention across it, which would cut PoSE sequences in two.
     mask = torch.ones_like(input_ids)
@@ -309,8 +311,13 @@ def answer_loss(model, input_ids, labels, pos):
     h = out.last_hidden_state[:, :-1]
     tgt = labels[:, 1:]
     m = tgt != -100
-    logits = model.lm_head(h[m]).float()
-    return torch.nn.functional.cross_entropy(logits, tgt[m])
+    loss = torch.nn.functional.cross_entropy(model.lm_head(h[m]).float(), tgt[m])
+    if lm_weight <= 0:
+        return loss, loss
+    nxt = input_ids[:, 1:]
+    rest = ~m & (nxt != model.config.pad_token_id)
+    lm = torch.nn.functional.cross_entropy(model.lm_head(h[rest]).float(), nxt[rest])
+    return loss + lm_weight * lm, loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +380,45 @@ def answer_token_accuracy(model, tokenizer, length: int, n: int, seed: int, devi
                 hits[i] += int(p == a)
                 seen[i] += 1
         out[task] = [round(h / s, 2) for h, s in zip(hits, seen, strict=True) if s]
+    model.train()
+    return out
+
+
+BINDING_KS = (1, 2, 4, 8)
+
+
+@torch.no_grad()
+def binding_accuracy(model, tokenizer, n: int, seed: int, device, ks=BINDING_KS) -> dict[str, dict[str, float]]:
+    """Key-to-value binding with no haystack: `k` keyed needles in the suite's wording
+    (" The special magic number for K is V."), then one key asked with the answer prefix. Per `k`:
+    `right`, how often the next token predicted is the asked value's first token; `in_context`, how
+    often it is the first token of some needle's value; and `chance` = 1/k. A model that copies a
+    value from the context but has not bound values to keys scores `right` ≈ `chance` with
+    `in_context` ≈ 1: the multi-key lookups fail that way whatever the document's length."""
+    from dynkv_cli.bench import tasks as T
+
+    be = tokenizer.backend_tokenizer
+    model.eval()
+    out: dict[str, dict[str, float]] = {}
+    for k in ks:
+        right = in_context = 0
+        for i in range(n):
+            rng = random.Random(f"binding:{seed}:{k}:{i}")
+            keys = rng.sample(T.KEYS, k)
+            # values whose first digit groups differ, so the first token names one needle
+            heads = rng.sample(range(100, 1000), k)
+            values = [f"{h}{rng.randrange(1000):03d}" for h in heads]
+            firsts = [be.encode(" " + v, add_special_tokens=False).ids[0] for v in values]
+            asked = rng.randrange(k)
+            doc = "".join(T._magic(key, v) for key, v in zip(keys, values, strict=True)).lstrip(" ")
+            ids = (
+                be.encode(doc).ids
+                + be.encode(suffix_text(T._ask1(keys[asked]), T._cue1(keys[asked])), add_special_tokens=False).ids
+            )
+            pred = model(torch.tensor([ids], device=device)).logits[0, -1].argmax().item()
+            right += pred == firsts[asked]
+            in_context += pred in firsts
+        out[str(k)] = {"right": round(right / n, 3), "in_context": round(in_context / n, 3), "chance": round(1 / k, 3)}
     model.train()
     return out
 
@@ -445,6 +491,18 @@ def main(argv=None) -> None:
         action="store_true",
         help="with --eval-only: also the teacher-forced accuracy of each answer token, per task and length",
     )
+    p.add_argument(
+        "--binding",
+        action="store_true",
+        help="only measure key-to-value binding (no haystack, --n-eval examples per number of keys) on the "
+        "model in --out and record it",
+    )
+    p.add_argument(
+        "--lm-weight",
+        type=float,
+        default=0.0,
+        help="also train on predicting every document token, at this weight against the answer loss",
+    )
     p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
     p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
     p.add_argument(
@@ -473,11 +531,17 @@ def main(argv=None) -> None:
 
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    if args.eval_only:
+    if args.eval_only or args.binding:
         tokenizer = AutoTokenizer.from_pretrained(out)
         model = LlamaForCausalLM.from_pretrained(out, attn_implementation="sdpa").to(device)
         record = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
         t0 = time.time()
+        if args.binding:
+            bound = binding_accuracy(model, tokenizer, args.n_eval, args.seed, device)
+            log("binding (next token after the answer prefix), by number of keys:\n" + fmt(bound))
+            record["binding"] = {"examples_per_k": args.n_eval, "seed": args.seed, "by_keys": bound}
+            (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            return
         preds: list[dict] = []
         res = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
         log("eval-only:\n" + fmt(res))
@@ -559,7 +623,7 @@ def main(argv=None) -> None:
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t_train / budget)))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = answer_loss(model, x, y, pos)
+        loss, ans_loss = answer_loss(model, x, y, pos, args.lm_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -567,7 +631,7 @@ def main(argv=None) -> None:
         step += 1
         tokens += x.numel()
         t_train += time.time() - t0
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = ans_loss.item() if ema is None else 0.95 * ema + 0.05 * ans_loss.item()
         if step % 20 == 0:
             log(
                 f"step {step} len {length} bs {x.shape[0]} loss {ema:.3f} lr {lr:.2e} "
@@ -577,9 +641,12 @@ def main(argv=None) -> None:
             next_eval += args.eval_every * 60
             t1 = time.time()
             res = evaluate(model, tokenizer, [512, 2048], 3, args.seed + 1, device)
+            bound = binding_accuracy(model, tokenizer, 12, args.seed + 1, device)
             t_eval += time.time() - t1
-            history.append({"step": step, "train_minutes": round(t_train / 60, 2), "loss": ema, "eval": res})
-            log(f"eval at step {step} ({time.time() - t1:.0f}s):\n" + fmt(res))
+            history.append(
+                {"step": step, "train_minutes": round(t_train / 60, 2), "loss": ema, "eval": res, "binding": bound}
+            )
+            log(f"eval at step {step} ({time.time() - t1:.0f}s):\n" + fmt(res) + "\n  binding by keys:\n" + fmt(bound))
             save(model, tokenizer, out, {"status": "checkpoint", "command": command, "step": step, "history": history})
 
     log(f"training done: {step} steps, {tokens} tokens, {t_train / 60:.1f} min")
@@ -620,6 +687,7 @@ def main(argv=None) -> None:
         "pose_max_position": MAX_POS,
         "task_weights": weights,
         "lr": args.lr,
+        "lm_weight": args.lm_weight,
         "steps": step,
         "train_tokens": tokens,
         "train_minutes": round(t_train / 60, 2),
