@@ -411,10 +411,8 @@ def binding_accuracy(model, tokenizer, n: int, seed: int, device, ks=BINDING_KS)
             firsts = [be.encode(" " + v, add_special_tokens=False).ids[0] for v in values]
             asked = rng.randrange(k)
             doc = "".join(T._magic(key, v) for key, v in zip(keys, values, strict=True)).lstrip(" ")
-            ids = (
-                be.encode(doc).ids
-                + be.encode(suffix_text(T._ask1(keys[asked]), T._cue1(keys[asked])), add_special_tokens=False).ids
-            )
+            ex = T.Example("niah_multikey", doc, T._ask1(keys[asked]), values[asked], prefix=T._cue1(keys[asked]))
+            ids, _ = encode_example(ex, tokenizer)
             pred = model(torch.tensor([ids], device=device)).logits[0, -1].argmax().item()
             right += pred == firsts[asked]
             in_context += pred in firsts
