@@ -218,8 +218,14 @@ def test_train_script_runs_end_to_end(tmp_path):
     assert copy["tasks"] == ["copy"] and "niah_multikey" in lookup["tasks"]
     # 3 s cannot reach the loss thresholds: each stage ends at its time cap, in order
     assert 0 < copy["ended_at_train_minutes"] <= lookup["ended_at_train_minutes"] <= record["train_minutes"]
+    assert record["binding"]["examples_per_k"] == 1 and list(record["binding"]["by_keys"]) == ["1", "2", "4", "8"]
+    assert record["lm_weight"] == 0.0
     LlamaForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
+    # --binding re-measures the probe alone and keeps the rest of the record
+    train.main(["--out", str(out), "--binding", "--n-eval", "2", "--threads", "1"])
+    rebound = json.loads((out / "training.json").read_text())
+    assert rebound["binding"]["examples_per_k"] == 2 and rebound["final_eval"] == record["final_eval"]
     out2 = tmp_path / "m2"
     train.main(
         [
@@ -239,12 +245,15 @@ def test_train_script_runs_end_to_end(tmp_path):
             "recall=1",
             "--task-weight",
             "copy=0",
+            "--lm-weight",
+            "0.5",
         ]
     )
     record2 = json.loads((out2 / "training.json").read_text())
     assert record2["earlier_runs"][0]["steps"] == record["steps"] and record2["curriculum_from_train_minutes"] == 0
     assert "recall" not in record["task_weights"] and record["task_weights"]["copy"] == train.TASK_WEIGHTS["copy"]
     assert record2["task_weights"]["recall"] == 1.0 and "copy" not in record2["task_weights"]
+    assert record2["lm_weight"] == 0.5
 
 
 def test_task_weights_change_the_mix(tokenizer):

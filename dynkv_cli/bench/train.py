@@ -2,12 +2,14 @@
 
     python -m dynkv_cli.bench.train --out examples/model --minutes 50 --seed 0 [--device cpu|cuda]
     python -m dynkv_cli.bench.train --out examples/model --eval-only --lengths 8192 16384 --n-eval 5
+    python -m dynkv_cli.bench.train --out examples/model --binding --n-eval 24
 
 Everything is generated here (filler text, tasks, tokenizer), with a fixed seed. Loss is on the
-answer tokens only. Lengths follow a curriculum (short to 4k) and most sequences get PoSE-style
-position skipping (the second part of the sequence is shifted by a random gap), so positions up
-to `max_position_embeddings` are seen without training at that length. Logs go to stderr;
-`<out>/training.json` records the config, the run and the accuracy per task and length.
+answer tokens only (with `--lm-weight`, on the other tokens as well). Lengths follow a curriculum
+(short to 4k) and most sequences get PoSE-style position skipping (the second part of the sequence
+is shifted by a random gap), so positions up to `max_position_embeddings` are seen without training
+at that length. Logs go to stderr; `<out>/training.json` records the config, the run, the accuracy
+per task and length, and the key-to-value binding probe (`--binding`).
 """
 
 from __future__ import annotations
@@ -421,6 +423,13 @@ def binding_accuracy(model, tokenizer, n: int, seed: int, device, ks=BINDING_KS)
     return out
 
 
+def _binding_record(model, tokenizer, args, device) -> dict:
+    """The binding probe with --n-eval examples per number of keys, logged, as training.json keeps it."""
+    bound = binding_accuracy(model, tokenizer, args.n_eval, args.seed, device)
+    log("binding (next token after the answer prefix), by number of keys:\n" + fmt(bound))
+    return {"examples_per_k": args.n_eval, "seed": args.seed, "by_keys": bound}
+
+
 def fmt(results) -> str:
     lines = []
     for length, row in results.items():
@@ -535,9 +544,7 @@ def main(argv=None) -> None:
         record = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
         t0 = time.time()
         if args.binding:
-            bound = binding_accuracy(model, tokenizer, args.n_eval, args.seed, device)
-            log("binding (next token after the answer prefix), by number of keys:\n" + fmt(bound))
-            record["binding"] = {"examples_per_k": args.n_eval, "seed": args.seed, "by_keys": bound}
+            record["binding"] = _binding_record(model, tokenizer, args, device)
             (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
             return
         preds: list[dict] = []
@@ -652,6 +659,7 @@ def main(argv=None) -> None:
     preds: list[dict] = []
     final = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
     log("final eval (full KV, greedy):\n" + fmt(final))
+    bound = _binding_record(model, tokenizer, args, device)
     record = {
         "command": command,
         "seed": args.seed,
@@ -696,6 +704,7 @@ def main(argv=None) -> None:
         "final_eval_examples_per_task": {str(n): args.n_eval for n in args.lengths},
         "final_eval_seed": args.seed,
         "final_eval_predictions_sample": preds[:: max(1, len(preds) // 40)],
+        "binding": bound,
     }
     save(model, tokenizer, out, record)
     log(f"saved to {out} (final eval {time.time() - t1:.0f}s)")
