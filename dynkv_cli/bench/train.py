@@ -390,7 +390,7 @@ BINDING_KS = (1, 2, 4, 8)
 
 
 @torch.no_grad()
-def binding_accuracy(model, tokenizer, n: int, seed: int, device, ks=BINDING_KS) -> dict[str, dict[str, float]]:
+def binding_accuracy(model, tokenizer, n: int, seed: int, device) -> dict[str, dict[str, float]]:
     """Key-to-value binding with no haystack: `k` keyed needles in the suite's wording
     (" The special magic number for K is V."), then one key asked with the answer prefix. Per `k`:
     `right`, how often the next token predicted is the asked value's first token; `in_context`, how
@@ -402,7 +402,7 @@ def binding_accuracy(model, tokenizer, n: int, seed: int, device, ks=BINDING_KS)
     be = tokenizer.backend_tokenizer
     model.eval()
     out: dict[str, dict[str, float]] = {}
-    for k in ks:
+    for k in BINDING_KS:
         right = in_context = 0
         for i in range(n):
             rng = random.Random(f"binding:{seed}:{k}:{i}")
@@ -542,11 +542,11 @@ def main(argv=None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(out)
         model = LlamaForCausalLM.from_pretrained(out, attn_implementation="sdpa").to(device)
         record = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
-        t0 = time.time()
         if args.binding:
             record["binding"] = _binding_record(model, tokenizer, args, device)
             (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
             return
+        t0 = time.time()
         preds: list[dict] = []
         res = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
         log("eval-only:\n" + fmt(res))
