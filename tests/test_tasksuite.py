@@ -247,6 +247,8 @@ def test_train_script_runs_end_to_end(tmp_path):
             "copy=0",
             "--lm-weight",
             "0.5",
+            "--attn-weight",
+            "1",
         ]
     )
     record2 = json.loads((out2 / "training.json").read_text())
@@ -254,6 +256,13 @@ def test_train_script_runs_end_to_end(tmp_path):
     assert "recall" not in record["task_weights"] and record["task_weights"]["copy"] == train.TASK_WEIGHTS["copy"]
     assert record2["task_weights"]["recall"] == 1.0 and "copy" not in record2["task_weights"]
     assert record2["lm_weight"] == 0.5
+    assert record["attn_weight"] == 0.0 and record["attention_hints"] == [] and record["attention_on_targets"] == {}
+    assert record2["attn_weight"] == 1.0 and [h["kind"] for h in record2["attention_hints"]] == [
+        "prev",
+        "prev2",
+        "lookup",
+    ]
+    assert {"0.0 prev", "0.1 prev2"} <= set(record2["attention_on_targets"])  # the hinted heads of this 1-layer model
 
 
 def test_task_weights_change_the_mix(tokenizer):
@@ -348,3 +357,84 @@ def test_lm_weight_adds_the_document_loss(tokenizer):
     rest = (lab == -100) & (nxt != tokenizer.pad_token_id)
     lm = torch.nn.functional.cross_entropy(logits[rest], nxt[rest])
     assert torch.allclose(total, ans + 0.5 * lm, atol=1e-5)
+
+
+def test_lookup_targets_point_at_the_number_in_the_document(tokenizer):
+    from dynkv_cli.bench import train
+
+    be = tokenizer.backend_tokenizer
+    doc = be.encode("The special magic number for bamon is 844880. The special magic number for rukir is 123456.").ids
+    prompt = doc + be.encode("\nAnswer: The special magic number for rukir is", add_special_tokens=False).ids
+    ans = be.encode(" 123456", add_special_tokens=False).ids + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + ans])
+    labels = torch.tensor([[-100] * len(prompt) + ans])
+    starts = train.number_tokens(tokenizer)
+    assert starts[ans[0]] and not starts[ans[1]]  # " 123" starts a number, "456" does not
+    source = doc.index(ans[0])
+    assert train.lookup_targets(ids, labels, starts) == [(0, len(prompt) - 1, [source])]
+    # a number written more often than max_sources is no lookup; answers are never sources
+    assert train.lookup_targets(ids, labels, starts, max_sources=0) == []
+    twice = torch.cat([ids, ids], 1)
+    labels2 = torch.cat([labels, labels], 1)
+    assert train.lookup_targets(twice, labels2, starts) == [
+        (0, len(prompt) - 1, [source]),
+        (0, ids.shape[1] + len(prompt) - 1, [source, ids.shape[1] + source]),
+    ]
+
+
+def _hinted_model(tokenizer, attn="sdpa"):
+    from transformers import LlamaForCausalLM
+
+    from dynkv_cli.bench import train
+
+    torch.manual_seed(0)
+    ns = types.SimpleNamespace(hidden=64, intermediate=64, layers=2, heads=4, kv_heads=2, rope_theta=1e4)
+    return LlamaForCausalLM._from_config(train.model_config(tokenizer, ns), attn_implementation=attn)
+
+
+def test_attention_hints_recompute_the_heads_own_attention(tokenizer):
+    """The hinted heads' attention, recomputed from the captured layer inputs, is the attention the
+    model computed (eager attention returns it): the right query and KV-group slices, rotary, scale."""
+    import random
+
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer, "eager").train()
+    x, y, pos = train.make_batch(random.Random(0), [0], 96, 192, tokenizer, 0, 0.5, ("niah_multikey",))
+    hints = train.AttentionHints(model, tokenizer)
+    assert [(h.layer, h.head) for h in hints.hints] == [(0, 0), (0, 1), (1, 0)]  # -1 is the last layer
+    out = model(x, attention_mask=torch.ones_like(x), position_ids=pos, output_attentions=True)
+    n = x.shape[1]
+    for hint in hints.hints:
+        q, k, scale = hints._qk(hint)
+        s = (q @ k.transpose(1, 2) * scale).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(s.softmax(-1), out.attentions[hint.layer][:, hint.head], atol=1e-5, rtol=1e-4)
+    hints.remove()
+    model(x)
+    assert hints.inputs[0][0].shape[1] == n  # removed: nothing captured again (the last batch's inputs stay)
+
+
+def test_attention_hints_train_their_heads(tokenizer):
+    """A few steps on the hint loss alone move each hinted head's attention onto its targets."""
+    import random
+
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer).train()
+    hints = train.AttentionHints(model, tokenizer)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = random.Random(0)
+    first = None
+    for _ in range(40):
+        x, y, pos = train.make_batch(rng, [0], 128, 512, tokenizer, 0, 0.0, ("niah_multikey",))
+        train.answer_loss(model, x, y, pos)
+        loss, on_target = hints.loss(x, y)
+        first = first or on_target
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(on_target) == {"0.0 prev", "0.1 prev2", "1.0 lookup", "1.0 copy"}
+    assert all(first[k] < 0.2 for k in ("0.0 prev", "0.1 prev2", "1.0 lookup"))
+    assert (
+        on_target["0.0 prev"] > 0.5 and on_target["0.1 prev2"] > 0.5 and on_target["1.0 lookup"] > first["1.0 lookup"]
+    )

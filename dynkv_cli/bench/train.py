@@ -5,7 +5,8 @@
     python -m dynkv_cli.bench.train --out examples/model --binding --n-eval 24
 
 Everything is generated here (filler text, tasks, tokenizer), with a fixed seed. Loss is on the
-answer tokens only (with `--lm-weight`, on the other tokens as well). Lengths follow a curriculum
+answer tokens only (with `--lm-weight`, on the other tokens as well; with `--attn-weight`, also on
+where three chosen heads attend, see ATTENTION_HINTS). Lengths follow a curriculum
 (short to 4k) and most sequences get PoSE-style position skipping (the second part of the sequence
 is shifted by a random gap), so positions up to `max_position_embeddings` are seen without training
 at that length. Logs go to stderr; `<out>/training.json` records the config, the run, the accuracy
@@ -323,6 +324,143 @@ def answer_loss(model, input_ids, labels, pos, lm_weight: float = 0.0):
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention hints (--attn-weight): a training-only loss on the attention of a few chosen heads
+
+
+class Hint(NamedTuple):
+    """Train head `head` of layer `layer` (negative: counted from the last layer) to attend, from each
+    query position, to the target that `kind` names: "prev" the token before, "prev2" the one before
+    that, "lookup" the place in the document where the number an answer starts with is written (and
+    what the head reads there should name that number: see AttentionHints)."""
+
+    layer: int
+    head: int
+    kind: str
+
+
+# Key-to-value binding needs three heads working together, and none of them helps the answer until
+# the others exist, so trained on the answers alone they did not form (docs/quality.md, sessions 4-6).
+# For " for K is V" asked with "... for K is": one head brings K to the query (the token before " is"),
+# one brings K to the value (two tokens before it), and one at the query matches K with K.
+ATTENTION_HINTS = (Hint(0, 0, "prev"), Hint(0, 1, "prev2"), Hint(-1, 0, "lookup"))
+_HINT_OFFSETS = {"prev": 1, "prev2": 2}
+
+
+def number_tokens(tokenizer) -> torch.Tensor:
+    """A mask over the vocabulary: the tokens that start a number (a space and up to three digits)."""
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([t is not None and t[:1] == "\u0120" and t[1:].isdigit() for t in vocab])
+
+
+def lookup_targets(input_ids, labels, starts_number, max_sources: int = 2):
+    """[(row, query position, source positions)]: each answer token that starts a number whose first
+    two tokens are written at most `max_sources` times before it, outside the answers; the query is
+    the position that predicts it and the sources are where the number is written."""
+    out = []
+    for b in range(input_ids.shape[0]):
+        ids, lab = input_ids[b], labels[b]
+        context = lab == -100
+        for j in (~context).nonzero().flatten().tolist():
+            if j < 2 or j + 1 >= ids.shape[0] or not starts_number[ids[j]]:
+                continue
+            hit = (ids[: j - 1] == ids[j]) & (ids[1:j] == ids[j + 1]) & context[: j - 1]
+            src = hit.nonzero().flatten().tolist()
+            if 1 <= len(src) <= max_sources:
+                out.append((b, j - 1, src))
+    return out
+
+
+class AttentionHints:
+    """Captures the input of the hinted layers' attention during a training forward pass and turns
+    it into a loss: per hint, the mean over its query positions of -log(attention on the targets),
+    recomputed for that one head from the layer's own projections and rotary embedding. A "lookup"
+    hint adds a "copy" term: the cross-entropy of the answer token given the head's output alone
+    (RMS-normalised, through the final norm's weight and the unembedding), so that what the head
+    finds reaches the answer."""
+
+    def __init__(self, model, tokenizer, hints=ATTENTION_HINTS, positions: int = 256):
+        cfg = model.config
+        self.layers = model.model.layers
+        self.unembed = model.lm_head.weight
+        self.final_norm = model.model.norm.weight
+        self.hints = [Hint(h.layer % cfg.num_hidden_layers, h.head, h.kind) for h in hints]
+        self.head_dim = cfg.head_dim
+        self.group = cfg.num_attention_heads // cfg.num_key_value_heads
+        self.pad = tokenizer.pad_token_id
+        self.starts_number = number_tokens(tokenizer)
+        self.positions = positions
+        self.inputs: dict[int, tuple] = {}
+        self.handles = [
+            self.layers[i].self_attn.register_forward_pre_hook(self._capturer(i), with_kwargs=True)
+            for i in sorted({h.layer for h in self.hints})
+        ]
+
+    def _capturer(self, i: int):
+        def hook(module, args, kwargs):
+            if module.training:
+                self.inputs[i] = (
+                    kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                    kwargs["position_embeddings"],
+                )
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _qk(self, hint: Hint):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = self.layers[hint.layer].self_attn
+        hidden, (cos, sin) = self.inputs[hint.layer]
+        d, g = self.head_dim, hint.head // self.group
+        q = hidden @ attn.q_proj.weight[hint.head * d : (hint.head + 1) * d].T
+        k = hidden @ attn.k_proj.weight[g * d : (g + 1) * d].T
+        q, k = apply_rotary_pos_emb(q.unsqueeze(1), k.unsqueeze(1), cos, sin)
+        return q[:, 0], k[:, 0], attn.scaling
+
+    def loss(self, input_ids, labels):
+        """(sum of the hints' losses, {"layer.head kind": exp(-loss)}, the geometric mean over the
+        query positions of the attention on the targets)."""
+        parts: dict[str, torch.Tensor] = {}
+        targets = None
+        for hint in self.hints:
+            q, k, scale = self._qk(hint)
+            if hint.kind == "lookup":
+                targets = lookup_targets(input_ids, labels, self.starts_number) if targets is None else targets
+                if not targets:
+                    continue
+                attn = self.layers[hint.layer].self_attn
+                d, g = self.head_dim, hint.head // self.group
+                v = self.inputs[hint.layer][0] @ attn.v_proj.weight[g * d : (g + 1) * d].T
+                w_o = attn.o_proj.weight[:, hint.head * d : (hint.head + 1) * d]
+                look, copy = [], []
+                for b, t, src in targets:
+                    s = (k[b, : t + 1] @ q[b, t]) * scale
+                    look.append(torch.logsumexp(s, 0) - torch.logsumexp(s[src], 0))
+                    # and what it reads there, alone through the final norm and the unembedding, names the answer
+                    out = (s.softmax(0) @ v[b, : t + 1]) @ w_o.T
+                    out = out * torch.rsqrt(out.pow(2).mean() + 1e-6) * self.final_norm
+                    copy.append(torch.nn.functional.cross_entropy(self.unembed @ out, input_ids[b, t + 1]))
+                parts[f"{hint.layer}.{hint.head} {hint.kind}"] = torch.stack(look).mean()
+                parts[f"{hint.layer}.{hint.head} copy"] = torch.stack(copy).mean()
+            else:
+                off, n, dev = _HINT_OFFSETS[hint.kind], input_ids.shape[1], input_ids.device
+                pos = torch.arange(off, n, device=dev)
+                if len(pos) > self.positions:
+                    pos = pos[torch.randperm(len(pos), device=dev)[: self.positions]].sort().values
+                s = (q[:, pos] @ k.transpose(1, 2)) * scale  # (batch, positions, keys)
+                s = s.masked_fill(torch.arange(n, device=dev) > pos[:, None], float("-inf"))
+                on = s.gather(2, (pos - off)[None, :, None].expand(s.shape[0], -1, 1))[..., 0]
+                lp = on - torch.logsumexp(s, -1)
+                real = input_ids[:, pos] != self.pad
+                parts[f"{hint.layer}.{hint.head} {hint.kind}"] = -lp[real].mean()
+        total = sum(parts.values()) if parts else torch.zeros(())
+        return total, {name: round(math.exp(-v.item()), 3) for name, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation (plain transformers, full KV, greedy)
 
 
@@ -510,6 +648,12 @@ def main(argv=None) -> None:
         default=0.0,
         help="also train on predicting every document token, at this weight against the answer loss",
     )
+    p.add_argument(
+        "--attn-weight",
+        type=float,
+        default=0.0,
+        help="train the heads of ATTENTION_HINTS towards their targets, at this weight against the answer loss",
+    )
     p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
     p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
     p.add_argument(
@@ -594,6 +738,8 @@ def main(argv=None) -> None:
     next_eval = args.eval_every * 60
     history = []
     ema = None
+    hints = AttentionHints(model, tokenizer) if args.attn_weight > 0 else None
+    hinted: dict[str, float] = {}  # EMA of each hint's attention on its targets
     first = args.first_stage or ("curriculum" if args.init else "copy")
     stage_i = STAGE_NAMES.index(first)  # index into PRE_STAGES, len(PRE_STAGES) = the curriculum
     stage_steps = 0
@@ -629,6 +775,10 @@ def main(argv=None) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         loss, ans_loss = answer_loss(model, x, y, pos, args.lm_weight)
+        if hints is not None:
+            hint_loss, on_target = hints.loss(x, y)
+            loss = loss + args.attn_weight * hint_loss
+            hinted.update({k: v if k not in hinted else 0.95 * hinted[k] + 0.05 * v for k, v in on_target.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -641,6 +791,7 @@ def main(argv=None) -> None:
             log(
                 f"step {step} len {length} bs {x.shape[0]} loss {ema:.3f} lr {lr:.2e} "
                 f"{tokens / t_train:.0f} tok/s train {t_train / 60:.1f}m"
+                + "".join(f" | {k} {v:.2f}" for k, v in hinted.items())
             )
         if t_train >= next_eval:
             next_eval += args.eval_every * 60
@@ -650,11 +801,14 @@ def main(argv=None) -> None:
             t_eval += time.time() - t1
             history.append(
                 {"step": step, "train_minutes": round(t_train / 60, 2), "loss": ema, "eval": res, "binding": bound}
+                | ({"attention_on_targets": {k: round(v, 3) for k, v in hinted.items()}} if hints else {})
             )
             log(f"eval at step {step} ({time.time() - t1:.0f}s):\n" + fmt(res) + "\n  binding by keys:\n" + fmt(bound))
             save(model, tokenizer, out, {"status": "checkpoint", "command": command, "step": step, "history": history})
 
     log(f"training done: {step} steps, {tokens} tokens, {t_train / 60:.1f} min")
+    if hints is not None:
+        hints.remove()
     t1 = time.time()
     preds: list[dict] = []
     final = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
@@ -694,6 +848,9 @@ def main(argv=None) -> None:
         "task_weights": weights,
         "lr": args.lr,
         "lm_weight": args.lm_weight,
+        "attn_weight": args.attn_weight,
+        "attention_hints": [h._asdict() for h in ATTENTION_HINTS] if hints else [],
+        "attention_on_targets": {k: round(v, 3) for k, v in hinted.items()},
         "steps": step,
         "train_tokens": tokens,
         "train_minutes": round(t_train / 60, 2),
