@@ -219,6 +219,7 @@ def test_train_script_runs_end_to_end(tmp_path):
     # 3 s cannot reach the loss thresholds: each stage ends at its time cap, in order
     assert 0 < copy["ended_at_train_minutes"] <= lookup["ended_at_train_minutes"] <= record["train_minutes"]
     assert record["binding"]["examples_per_k"] == 1 and list(record["binding"]["by_keys"]) == ["1", "2", "4", "8"]
+    assert set(record["binding"]["heads_4_keys"]) == {"0.0", "0.1"}  # one layer, two heads
     assert record["lm_weight"] == 0.0
     LlamaForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
@@ -438,3 +439,23 @@ def test_attention_hints_train_their_heads(tokenizer):
     assert (
         on_target["0.0 prev"] > 0.5 and on_target["0.1 prev2"] > 0.5 and on_target["1.0 lookup"] > first["1.0 lookup"]
     )
+
+
+def test_binding_heads_report_attention_on_the_values(tokenizer):
+    """With every query zeroed, each head attends evenly over the prompt, so from the answer position
+    the k values get k/T of its attention and the asked one 1/T: the positions and the means are right."""
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer)
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.data.zero_()
+    heads = train.binding_heads(model, tokenizer, 3, 0, "cpu", k=4)
+    assert set(heads) == {f"{layer}.{h}" for layer in range(2) for h in range(4)}
+    lengths = [len(ids) for ids, _, _ in train._binding_prompts(tokenizer, 4, 3, 0)]
+    expect_all = sum(4 / n for n in lengths) / 3
+    expect_asked = sum(1 / n for n in lengths) / 3
+    for r in heads.values():
+        assert r["values"] == pytest.approx(expect_all, abs=1e-3) and r["asked"] == pytest.approx(
+            expect_asked, abs=1e-3
+        )
+    assert model.config._attn_implementation == "sdpa" and model.training  # restored

@@ -527,6 +527,24 @@ def answer_token_accuracy(model, tokenizer, length: int, n: int, seed: int, devi
 BINDING_KS = (1, 2, 4, 8)
 
 
+def _binding_prompts(tokenizer, k: int, n: int, seed: int):
+    """The probe's prompts with `k` keys: (ids, the first token of each needle's value, the asked needle)."""
+    from dynkv_cli.bench import tasks as T
+
+    be = tokenizer.backend_tokenizer
+    for i in range(n):
+        rng = random.Random(f"binding:{seed}:{k}:{i}")
+        keys = rng.sample(T.KEYS, k)
+        # values whose first digit groups differ, so the first token names one needle
+        heads = rng.sample(range(100, 1000), k)
+        values = [f"{h}{rng.randrange(1000):03d}" for h in heads]
+        firsts = [be.encode(" " + v, add_special_tokens=False).ids[0] for v in values]
+        asked = rng.randrange(k)
+        doc = "".join(T._magic(key, v) for key, v in zip(keys, values, strict=True)).lstrip(" ")
+        ex = T.Example("niah_multikey", doc, T._ask1(keys[asked]), values[asked], prefix=T._cue1(keys[asked]))
+        yield encode_example(ex, tokenizer)[0], firsts, asked
+
+
 @torch.no_grad()
 def binding_accuracy(model, tokenizer, n: int, seed: int, device) -> dict[str, dict[str, float]]:
     """Key-to-value binding with no haystack: `k` keyed needles in the suite's wording
@@ -535,24 +553,11 @@ def binding_accuracy(model, tokenizer, n: int, seed: int, device) -> dict[str, d
     often it is the first token of some needle's value; and `chance` = 1/k. A model that copies a
     value from the context but has not bound values to keys scores `right` ≈ `chance` with
     `in_context` ≈ 1: the multi-key lookups fail that way whatever the document's length."""
-    from dynkv_cli.bench import tasks as T
-
-    be = tokenizer.backend_tokenizer
     model.eval()
     out: dict[str, dict[str, float]] = {}
     for k in BINDING_KS:
         right = in_context = 0
-        for i in range(n):
-            rng = random.Random(f"binding:{seed}:{k}:{i}")
-            keys = rng.sample(T.KEYS, k)
-            # values whose first digit groups differ, so the first token names one needle
-            heads = rng.sample(range(100, 1000), k)
-            values = [f"{h}{rng.randrange(1000):03d}" for h in heads]
-            firsts = [be.encode(" " + v, add_special_tokens=False).ids[0] for v in values]
-            asked = rng.randrange(k)
-            doc = "".join(T._magic(key, v) for key, v in zip(keys, values, strict=True)).lstrip(" ")
-            ex = T.Example("niah_multikey", doc, T._ask1(keys[asked]), values[asked], prefix=T._cue1(keys[asked]))
-            ids, _ = encode_example(ex, tokenizer)
+        for ids, firsts, asked in _binding_prompts(tokenizer, k, n, seed):
             pred = model(torch.tensor([ids], device=device)).logits[0, -1].argmax().item()
             right += pred == firsts[asked]
             in_context += pred in firsts
@@ -561,11 +566,43 @@ def binding_accuracy(model, tokenizer, n: int, seed: int, device) -> dict[str, d
     return out
 
 
+@torch.no_grad()
+def binding_heads(model, tokenizer, n: int, seed: int, device, k: int = 4) -> dict[str, dict[str, float]]:
+    """Where each head ("layer.head") looks from the position that predicts the answer, on the
+    probe's prompts with `k` keys: its attention on the first tokens of all the needles' values
+    (`values`) and on the asked needle's (`asked`), mean over `n` prompts. A head that copies the
+    bound value puts nearly all of `values` on `asked`; one that copies at chance about 1/k of it."""
+    was = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the one that returns attention weights
+    model.eval()
+    sums: dict[str, list[float]] = {}
+    try:
+        for ids, firsts, asked in _binding_prompts(tokenizer, k, n, seed):
+            attentions = model(torch.tensor([ids], device=device), output_attentions=True).attentions
+            at = [ids.index(f) for f in firsts]
+            for layer, a in enumerate(attentions):
+                last = a[0, :, -1]  # (heads, keys)
+                for h in range(last.shape[0]):
+                    acc = sums.setdefault(f"{layer}.{h}", [0.0, 0.0])
+                    acc[0] += last[h, at].sum().item()
+                    acc[1] += last[h, at[asked]].item()
+    finally:
+        model.set_attn_implementation(was)
+        model.train()
+    return {name: {"values": round(v / n, 3), "asked": round(a / n, 3)} for name, (v, a) in sums.items()}
+
+
 def _binding_record(model, tokenizer, args, device) -> dict:
     """The binding probe with --n-eval examples per number of keys, logged, as training.json keeps it."""
     bound = binding_accuracy(model, tokenizer, args.n_eval, args.seed, device)
     log("binding (next token after the answer prefix), by number of keys:\n" + fmt(bound))
-    return {"examples_per_k": args.n_eval, "seed": args.seed, "by_keys": bound}
+    heads = binding_heads(model, tokenizer, args.n_eval, args.seed, device)
+    rows: dict[str, dict[str, str]] = {}
+    for name, r in heads.items():
+        layer, h = name.split(".")
+        rows.setdefault(f"layer {layer}", {})[f"h{h}"] = f"{r['values']:.2f}/{r['asked']:.2f}"
+    log("attention from the answer position (4 keys), on all values / on the asked one, by head:\n" + fmt(rows))
+    return {"examples_per_k": args.n_eval, "seed": args.seed, "by_keys": bound, "heads_4_keys": heads}
 
 
 def fmt(results) -> str:
