@@ -409,16 +409,20 @@ class AttentionHints:
         for h in self.handles:
             h.remove()
 
+    def _weights(self, hint: Hint):
+        """The hinted head's (query, key, value, output) weight slices; key and value are its KV head's."""
+        attn = self.layers[hint.layer].self_attn
+        q, kv = slice(hint.head * self.head_dim, (hint.head + 1) * self.head_dim), hint.head // self.group
+        kv = slice(kv * self.head_dim, (kv + 1) * self.head_dim)
+        return attn.q_proj.weight[q], attn.k_proj.weight[kv], attn.v_proj.weight[kv], attn.o_proj.weight[:, q]
+
     def _qk(self, hint: Hint):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        attn = self.layers[hint.layer].self_attn
         hidden, (cos, sin) = self.inputs[hint.layer]
-        d, g = self.head_dim, hint.head // self.group
-        q = hidden @ attn.q_proj.weight[hint.head * d : (hint.head + 1) * d].T
-        k = hidden @ attn.k_proj.weight[g * d : (g + 1) * d].T
-        q, k = apply_rotary_pos_emb(q.unsqueeze(1), k.unsqueeze(1), cos, sin)
-        return q[:, 0], k[:, 0], attn.scaling
+        w_q, w_k, _, _ = self._weights(hint)
+        q, k = apply_rotary_pos_emb((hidden @ w_q.T).unsqueeze(1), (hidden @ w_k.T).unsqueeze(1), cos, sin)
+        return q[:, 0], k[:, 0], self.layers[hint.layer].self_attn.scaling
 
     def loss(self, input_ids, labels):
         """(sum of the hints' losses, {"layer.head kind": exp(-loss)}, the geometric mean over the
@@ -431,10 +435,8 @@ class AttentionHints:
                 targets = lookup_targets(input_ids, labels, self.starts_number) if targets is None else targets
                 if not targets:
                     continue
-                attn = self.layers[hint.layer].self_attn
-                d, g = self.head_dim, hint.head // self.group
-                v = self.inputs[hint.layer][0] @ attn.v_proj.weight[g * d : (g + 1) * d].T
-                w_o = attn.o_proj.weight[:, hint.head * d : (hint.head + 1) * d]
+                _, _, w_v, w_o = self._weights(hint)
+                v = self.inputs[hint.layer][0] @ w_v.T
                 look, copy = [], []
                 for b, t, src in targets:
                     s = (k[b, : t + 1] @ q[b, t]) * scale
@@ -777,6 +779,10 @@ def main(argv=None) -> None:
     ema = None
     hints = AttentionHints(model, tokenizer) if args.attn_weight > 0 else None
     hinted: dict[str, float] = {}  # EMA of each hint's attention on its targets
+
+    def rounded(d: dict[str, float]) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in d.items()}
+
     first = args.first_stage or ("curriculum" if args.init else "copy")
     stage_i = STAGE_NAMES.index(first)  # index into PRE_STAGES, len(PRE_STAGES) = the curriculum
     stage_steps = 0
@@ -838,7 +844,7 @@ def main(argv=None) -> None:
             t_eval += time.time() - t1
             history.append(
                 {"step": step, "train_minutes": round(t_train / 60, 2), "loss": ema, "eval": res, "binding": bound}
-                | ({"attention_on_targets": {k: round(v, 3) for k, v in hinted.items()}} if hints else {})
+                | ({"attention_on_targets": rounded(hinted)} if hints else {})
             )
             log(f"eval at step {step} ({time.time() - t1:.0f}s):\n" + fmt(res) + "\n  binding by keys:\n" + fmt(bound))
             save(model, tokenizer, out, {"status": "checkpoint", "command": command, "step": step, "history": history})
@@ -887,7 +893,7 @@ def main(argv=None) -> None:
         "lm_weight": args.lm_weight,
         "attn_weight": args.attn_weight,
         "attention_hints": [h._asdict() for h in ATTENTION_HINTS] if hints else [],
-        "attention_on_targets": {k: round(v, 3) for k, v in hinted.items()},
+        "attention_on_targets": rounded(hinted),
         "steps": step,
         "train_tokens": tokens,
         "train_minutes": round(t_train / 60, 2),
