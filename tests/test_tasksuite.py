@@ -383,6 +383,51 @@ def test_lookup_targets_point_at_the_number_in_the_document(tokenizer):
     ]
 
 
+def test_lookup_targets_cover_words_only_when_asked(tokenizer):
+    """With a word mask, each variable of a chain's answer points at where that variable is written
+    (both of its places in the chain); without one, words are no lookups. Marked words are not words."""
+    from dynkv_cli.bench import train
+
+    be = tokenizer.backend_tokenizer
+    words = train.word_tokens(tokenizer)
+    a, b = T.VARS[:2]
+    one = be.encode(" " + a, add_special_tokens=False).ids
+    assert len(one) == 1 and words[one[0]]
+    assert not words[be.encode(" " + T.MARKED[0], add_special_tokens=False).ids[0]]
+    doc = be.encode(f"VAR {a} = 12345. The road was wide. VAR {b} = VAR {a}.").ids
+    prompt = doc + be.encode("\nWhich variables are assigned the value 12345?\nAnswer:", add_special_tokens=False).ids
+    ans = be.encode(f" {a} {b}", add_special_tokens=False).ids + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + ans])
+    labels = torch.tensor([[-100] * len(prompt) + ans])
+    starts = train.number_tokens(tokenizer)
+    assert train.lookup_targets(ids, labels, starts) == []
+    at_a = [i for i, t in enumerate(doc) if t == ans[0]]
+    at_b = [i for i, t in enumerate(doc) if t == ans[1]]
+    assert len(at_a) == 2 and len(at_b) == 1
+    assert train.lookup_targets(ids, labels, starts, words=words) == [
+        (0, len(prompt) - 1, at_a),
+        (0, len(prompt), at_b),
+    ]
+
+
+def test_copy_weight_scales_only_the_copy_term(tokenizer):
+    import random
+
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer).train()
+    x, y, pos = train.make_batch(random.Random(0), [0], 128, 512, tokenizer, 0, 0.0, ("niah_multikey",))
+    totals = {}
+    for scale in (0.0, 1.0, 3.0):
+        hints = train.AttentionHints(model, tokenizer, copy_scale=scale)
+        train.answer_loss(model, x, y, pos)
+        totals[scale], parts = hints.loss(x, y)
+        hints.remove()
+    copy = totals[1.0] - totals[0.0]
+    assert copy > 0 and "1.0 copy" in parts
+    assert (totals[3.0] - totals[1.0]).item() == pytest.approx(2 * copy.item(), rel=1e-4)
+
+
 def _hinted_model(tokenizer, attn="sdpa"):
     from transformers import LlamaForCausalLM
 

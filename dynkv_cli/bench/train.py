@@ -352,18 +352,39 @@ def number_tokens(tokenizer) -> torch.Tensor:
     return torch.tensor([t is not None and t[:1] == "\u0120" and t[1:].isdigit() for t in vocab])
 
 
-def lookup_targets(input_ids, labels, starts_number, max_sources: int = 2):
+def word_tokens(tokenizer) -> torch.Tensor:
+    """A mask over the vocabulary: the single-token invented words an answer can name by lookup (needle
+    keys, author names, variable names; not the aggregation's marked words, which are counted)."""
+    from dynkv_cli.bench import tasks as T
+
+    be = tokenizer.backend_tokenizer
+    mask = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for w in [*T.KEYS, *T.VARS]:
+        ids = be.encode(" " + w, add_special_tokens=False).ids
+        if len(ids) == 1:
+            mask[ids[0]] = True
+    return mask
+
+
+def lookup_targets(input_ids, labels, starts_number, max_sources: int = 2, words=None):
     """[(row, query position, source positions)]: each answer token that starts a number whose first
     two tokens are written at most `max_sources` times before it, outside the answers; the query is
-    the position that predicts it and the sources are where the number is written."""
+    the position that predicts it and the sources are where the number is written. With `words` (a
+    vocabulary mask, :func:`word_tokens`), also each answer token that is such a word, written at
+    most `max_sources` times before it (a variable of a chain, a key, a name)."""
     out = []
     for b in range(input_ids.shape[0]):
         ids, lab = input_ids[b], labels[b]
         context = lab == -100
         for j in (~context).nonzero().flatten().tolist():
-            if j < 2 or j + 1 >= ids.shape[0] or not starts_number[ids[j]]:
+            if j < 2 or j + 1 >= ids.shape[0]:
                 continue
-            hit = (ids[: j - 1] == ids[j]) & (ids[1:j] == ids[j + 1]) & context[: j - 1]
+            if starts_number[ids[j]]:
+                hit = (ids[: j - 1] == ids[j]) & (ids[1:j] == ids[j + 1]) & context[: j - 1]
+            elif words is not None and words[ids[j]]:
+                hit = (ids[:j] == ids[j]) & context[:j]
+            else:
+                continue
             src = hit.nonzero().flatten().tolist()
             if 1 <= len(src) <= max_sources:
                 out.append((b, j - 1, src))
@@ -375,10 +396,19 @@ class AttentionHints:
     it into a loss: per hint, the mean over its query positions of -log(attention on the targets),
     recomputed for that one head from the layer's own projections and rotary embedding. A "lookup"
     hint adds a "copy" term: the cross-entropy of the answer token given the head's output alone
-    (RMS-normalised, through the final norm's weight and the unembedding), so that what the head
-    finds reaches the answer."""
+    (RMS-normalised, through the final norm's weight and the unembedding, weighted by `copy_scale`),
+    so that what the head finds reaches the answer. With `words`, the lookups include the answers'
+    invented words (:func:`word_tokens`) as well as their numbers."""
 
-    def __init__(self, model, tokenizer, hints=ATTENTION_HINTS, positions: int = 256):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        hints=ATTENTION_HINTS,
+        positions: int = 256,
+        copy_scale: float = 1.0,
+        words: bool = False,
+    ):
         cfg = model.config
         self.layers = model.model.layers
         self.unembed = model.lm_head.weight
@@ -388,6 +418,8 @@ class AttentionHints:
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.pad = tokenizer.pad_token_id
         self.starts_number = number_tokens(tokenizer)
+        self.words = word_tokens(tokenizer) if words else None  # lookups of invented words too
+        self.copy_scale = copy_scale  # the copy term's weight against the attention terms
         self.positions = positions
         self.inputs: dict[int, tuple] = {}
         self.handles = [
@@ -432,7 +464,11 @@ class AttentionHints:
         for hint in self.hints:
             q, k, scale = self._qk(hint)
             if hint.kind == "lookup":
-                targets = lookup_targets(input_ids, labels, self.starts_number) if targets is None else targets
+                targets = (
+                    lookup_targets(input_ids, labels, self.starts_number, words=self.words)
+                    if targets is None
+                    else targets
+                )
                 if not targets:
                     continue
                 _, _, w_v, w_o = self._weights(hint)
@@ -458,8 +494,8 @@ class AttentionHints:
                 lp = on - torch.logsumexp(s, -1)
                 real = input_ids[:, pos] != self.pad
                 parts[f"{hint.layer}.{hint.head} {hint.kind}"] = -lp[real].mean()
-        total = sum(parts.values()) if parts else torch.zeros(())
-        return total, {name: round(math.exp(-v.item()), 3) for name, v in parts.items()}
+        total = sum(v * (self.copy_scale if name.endswith(" copy") else 1.0) for name, v in parts.items())
+        return total if parts else torch.zeros(()), {name: round(math.exp(-v.item()), 3) for name, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,6 +729,17 @@ def main(argv=None) -> None:
         default=0.0,
         help="train the heads of ATTENTION_HINTS towards their targets, at this weight against the answer loss",
     )
+    p.add_argument(
+        "--copy-weight",
+        type=float,
+        default=1.0,
+        help="with --attn-weight: the weight of the lookup head's copy term against its attention terms",
+    )
+    p.add_argument(
+        "--hint-words",
+        action="store_true",
+        help="with --attn-weight: the lookup hint also covers answers' invented words (variables, keys, names)",
+    )
     p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
     p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
     p.add_argument(
@@ -777,7 +824,11 @@ def main(argv=None) -> None:
     next_eval = args.eval_every * 60
     history = []
     ema = None
-    hints = AttentionHints(model, tokenizer) if args.attn_weight > 0 else None
+    hints = (
+        AttentionHints(model, tokenizer, copy_scale=args.copy_weight, words=args.hint_words)
+        if args.attn_weight > 0
+        else None
+    )
     hinted: dict[str, float] = {}  # EMA of each hint's attention on its targets
 
     def rounded(d: dict[str, float]) -> dict[str, float]:
@@ -893,6 +944,8 @@ def main(argv=None) -> None:
         "lm_weight": args.lm_weight,
         "attn_weight": args.attn_weight,
         "attention_hints": [h._asdict() for h in ATTENTION_HINTS] if hints else [],
+        "copy_weight": args.copy_weight if hints else None,
+        "hint_words": bool(args.hint_words and hints),
         "attention_on_targets": rounded(hinted),
         "steps": step,
         "train_tokens": tokens,
