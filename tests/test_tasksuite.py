@@ -417,12 +417,13 @@ def test_copy_weight_scales_only_the_copy_term(tokenizer):
 
     model = _hinted_model(tokenizer).train()
     x, y, pos = train.make_batch(random.Random(0), [0], 128, 512, tokenizer, 0, 0.0, ("niah_multikey",))
+    hints = train.AttentionHints(model, tokenizer)
+    train.answer_loss(model, x, y, pos)  # one forward pass: the hints' captured inputs serve every scale
     totals = {}
     for scale in (0.0, 1.0, 3.0):
-        hints = train.AttentionHints(model, tokenizer, copy_scale=scale)
-        train.answer_loss(model, x, y, pos)
+        hints.copy_scale = scale
         totals[scale], parts = hints.loss(x, y)
-        hints.remove()
+    hints.remove()
     copy = totals[1.0] - totals[0.0]
     assert copy > 0 and "1.0 copy" in parts
     assert (totals[3.0] - totals[1.0]).item() == pytest.approx(2 * copy.item(), rel=1e-4)
