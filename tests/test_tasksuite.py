@@ -250,9 +250,12 @@ def test_train_script_runs_end_to_end(tmp_path):
             "0.5",
             "--attn-weight",
             "1",
+            "--grow-after",
+            "0",
         ]
     )
     record2 = json.loads((out2 / "training.json").read_text())
+    assert record2["grow_after"] == [0] and LlamaForCausalLM.from_pretrained(out2).config.num_hidden_layers == 2
     assert record2["earlier_runs"][0]["steps"] == record["steps"] and record2["curriculum_from_train_minutes"] == 0
     assert "recall" not in record["task_weights"] and record["task_weights"]["copy"] == train.TASK_WEIGHTS["copy"]
     assert record2["task_weights"]["recall"] == 1.0 and "copy" not in record2["task_weights"]
@@ -263,7 +266,7 @@ def test_train_script_runs_end_to_end(tmp_path):
         "prev2",
         "lookup",
     ]
-    assert {"0.0 prev", "0.1 prev2"} <= set(record2["attention_on_targets"])  # the hinted heads of this 1-layer model
+    assert {"0.0 prev", "0.1 prev2", "1.0 lookup"} <= set(record2["attention_on_targets"])  # grown to 2 layers
 
 
 def test_task_weights_change_the_mix(tokenizer):
@@ -427,6 +430,38 @@ def test_copy_weight_scales_only_the_copy_term(tokenizer):
     copy = totals[1.0] - totals[0.0]
     assert copy > 0 and "1.0 copy" in parts
     assert (totals[3.0] - totals[1.0]).item() == pytest.approx(2 * copy.item(), rel=1e-4)
+
+
+def test_grow_layers_keeps_the_function_then_trains_the_new_layers(tokenizer):
+    """Block expansion: the grown model computes the same logits as the model it grew from, its new
+    layers are copies of the layer before them with zero output projections, and one optimizer step
+    makes the new layers contribute (they are trainable, not dead)."""
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer).eval()
+    with torch.no_grad():  # random, not zero, norms and weights: a copy that adds anything would show
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    grown = train.grow_layers(model, [0, 1, 1]).eval()
+    assert grown.config.num_hidden_layers == 5 and model.config.num_hidden_layers == 2
+    assert [layer.self_attn.layer_idx for layer in grown.model.layers] == [0, 1, 2, 3, 4]
+    x = torch.randint(0, len(tokenizer), (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x).logits, model(x).logits, rtol=0, atol=1e-5)
+    old, new = model.model.layers, grown.model.layers
+    # layers 0 and 2 are the originals; 1 is a copy of 0, 3 and 4 copies of 1
+    assert torch.equal(new[2].self_attn.o_proj.weight, old[1].self_attn.o_proj.weight)
+    assert torch.equal(new[1].self_attn.q_proj.weight, old[0].self_attn.q_proj.weight)
+    assert torch.equal(new[4].mlp.up_proj.weight, old[1].mlp.up_proj.weight)
+    assert not any(new[i].self_attn.o_proj.weight.any() or new[i].mlp.down_proj.weight.any() for i in (1, 3, 4))
+    assert grown.lm_head.weight.data_ptr() == grown.model.embed_tokens.weight.data_ptr()  # still tied
+    grown.train()
+    opt = torch.optim.SGD(grown.parameters(), lr=0.1)
+    grown(x, labels=x).loss.backward()
+    opt.step()
+    assert all(new[i].self_attn.o_proj.weight.any() and new[i].mlp.down_proj.weight.any() for i in (1, 3, 4))
+    with pytest.raises(ValueError, match="layer 2 does not exist"):
+        train.grow_layers(model, [2])
 
 
 def _hinted_model(tokenizer, attn="sdpa"):

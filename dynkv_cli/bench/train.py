@@ -16,6 +16,7 @@ per task and length, and the key-to-value binding probe (`--binding`).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -675,6 +676,41 @@ def model_config(tokenizer, args):
     )
 
 
+def grow_layers(model, after: list[int]):
+    """A deeper copy of `model` that computes the same function: after each original layer index in
+    `after`, a new decoder layer is inserted, a copy of that layer whose attention output projection
+    and MLP down projection are zero, so the new layer adds nothing to the residual stream until
+    trained (block expansion). The embeddings, the final norm and every original layer are kept."""
+    from transformers import LlamaForCausalLM
+
+    n = model.config.num_hidden_layers
+    bad = [i for i in after if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"--grow-after: layer {bad[0]} does not exist (the model has layers 0-{n - 1})")
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = n + len(after)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[0]] * config.num_hidden_layers
+    grown = LlamaForCausalLM._from_config(config, attn_implementation=model.config._attn_implementation)
+    grown.to(device=model.device, dtype=model.dtype)
+    source = []  # for each new layer: (original index, is a zero-output copy)
+    for i in range(n):
+        source.append((i, False))
+        source += [(i, True)] * after.count(i)
+    old = model.state_dict()
+    new = {k: v for k, v in old.items() if not k.startswith("model.layers.")}
+    for j, (i, fresh) in enumerate(source):
+        prefix = f"model.layers.{i}."
+        for k, v in old.items():
+            if k.startswith(prefix):
+                name = k[len(prefix) :]
+                zero = fresh and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                new[f"model.layers.{j}.{name}"] = torch.zeros_like(v) if zero else v.clone()
+    grown.load_state_dict(new, strict=True)
+    grown.tie_weights()
+    return grown
+
+
 def _summary(record: dict) -> dict:
     keys = ("command", "steps", "train_tokens", "train_minutes", "final_eval", "lr")
     return {k: record[k] for k in keys if k in record}
@@ -757,7 +793,17 @@ def main(argv=None) -> None:
     p.add_argument(
         "--curriculum-start", type=float, default=0.0, help="start the curriculum at this fraction (with --init)"
     )
+    p.add_argument(
+        "--grow-after",
+        type=int,
+        nargs="+",
+        metavar="LAYER",
+        help="with --init: insert a new layer after each of these layers, computing nothing at first "
+        "(a zero-output copy of the layer before it), to train a deeper model from a trained one",
+    )
     args = p.parse_args(argv)
+    if args.grow_after and not args.init:
+        p.error("--grow-after needs --init (the model to grow)")
     weights = task_weights(args.task_weight)
 
     torch.set_num_threads(args.threads)
@@ -796,6 +842,10 @@ def main(argv=None) -> None:
     if args.init:
         tokenizer = AutoTokenizer.from_pretrained(args.init)
         model = LlamaForCausalLM.from_pretrained(args.init, attn_implementation="sdpa").to(device)
+        if args.grow_after:
+            layers = model.config.num_hidden_layers
+            model = grow_layers(model, args.grow_after)
+            log(f"grown from {layers} to {model.config.num_hidden_layers} layers (new ones after {args.grow_after})")
         config = model.config
         previous = Path(args.init) / "training.json"
         earlier = json.loads(previous.read_text()) if previous.exists() else {}
@@ -919,6 +969,7 @@ def main(argv=None) -> None:
         "tokenizer_vocab": len(tokenizer),
         "continued_from": earlier.get("command") if args.init else None,
         "earlier_runs": (earlier.get("earlier_runs", []) + [_summary(earlier)]) if args.init else [],
+        "grow_after": args.grow_after,
         "curriculum_start": args.curriculum_start,
         "first_stage": first,
         "pre_stages": [
