@@ -704,7 +704,7 @@ def grow_layers(model, after: list[int]):
         for k, v in old.items():
             if k.startswith(prefix):
                 name = k[len(prefix) :]
-                zero = fresh and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                zero = fresh and name.rsplit(".", 1)[0] in ("self_attn.o_proj", "mlp.down_proj")  # weight, bias
                 new[f"model.layers.{j}.{name}"] = torch.zeros_like(v) if zero else v.clone()
     grown.load_state_dict(new, strict=True)
     grown.tie_weights()
@@ -844,7 +844,10 @@ def main(argv=None) -> None:
         model = LlamaForCausalLM.from_pretrained(args.init, attn_implementation="sdpa").to(device)
         if args.grow_after:
             layers = model.config.num_hidden_layers
-            model = grow_layers(model, args.grow_after)
+            try:
+                model = grow_layers(model, args.grow_after)
+            except ValueError as e:
+                p.error(str(e))
             log(f"grown from {layers} to {model.config.num_hidden_layers} layers (new ones after {args.grow_after})")
         config = model.config
         previous = Path(args.init) / "training.json"
