@@ -687,25 +687,20 @@ def grow_layers(model, after: list[int]):
     bad = [i for i in after if not 0 <= i < n]
     if bad:
         raise ValueError(f"--grow-after: layer {bad[0]} does not exist (the model has layers 0-{n - 1})")
+    source = []  # for each layer of the grown model: (original index, is a zero-output copy)
+    for i in range(n):
+        source += [(i, False)] + [(i, True)] * after.count(i)
     config = copy.deepcopy(model.config)
-    config.num_hidden_layers = n + len(after)
+    config.num_hidden_layers = len(source)
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[0]] * config.num_hidden_layers
+        config.layer_types = [config.layer_types[i] for i, _ in source]
     grown = LlamaForCausalLM._from_config(config, attn_implementation=model.config._attn_implementation)
     grown.to(device=model.device, dtype=model.dtype)
-    source = []  # for each new layer: (original index, is a zero-output copy)
-    for i in range(n):
-        source.append((i, False))
-        source += [(i, True)] * after.count(i)
-    old = model.state_dict()
-    new = {k: v for k, v in old.items() if not k.startswith("model.layers.")}
+    new = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
     for j, (i, fresh) in enumerate(source):
-        prefix = f"model.layers.{i}."
-        for k, v in old.items():
-            if k.startswith(prefix):
-                name = k[len(prefix) :]
-                zero = fresh and name.rsplit(".", 1)[0] in ("self_attn.o_proj", "mlp.down_proj")  # weight, bias
-                new[f"model.layers.{j}.{name}"] = torch.zeros_like(v) if zero else v.clone()
+        for name, v in model.model.layers[i].state_dict().items():
+            zero = fresh and name.rsplit(".", 1)[0] in ("self_attn.o_proj", "mlp.down_proj")  # weight, bias
+            new[f"model.layers.{j}.{name}"] = torch.zeros_like(v) if zero else v.clone()
     grown.load_state_dict(new, strict=True)
     grown.tie_weights()
     return grown
