@@ -283,6 +283,20 @@ def test_task_weights_change_the_mix(tokenizer):
             train.task_weights(bad)
 
 
+def test_curriculum_end_keeps_a_run_in_the_short_stages(tmp_path):
+    from dynkv_cli.bench import train
+
+    first_lengths = train.STAGES[0][1]
+    for rest in (0.0, 0.5, 0.999):
+        assert train.stage(train.curriculum_fraction(0.0, 0.3, rest))[0] == first_lengths
+    assert train.stage(train.curriculum_fraction(0.0, 1.0, 0.999))[0] == train.STAGES[-1][1]
+    assert train.curriculum_fraction(0.3, 1.0, 0.5) == pytest.approx(0.65)
+    for bad in (["--curriculum-end", "0"], ["--curriculum-start", "0.5", "--curriculum-end", "0.4"]):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path / "m"), *bad])
+    assert not (tmp_path / "m").exists()
+
+
 class _Shift(torch.nn.Module):
     """A stand-in model whose logits at position i point at token x[i + offset]: offset 1 is an
     oracle (teacher forcing shows it the answer), offset 0 repeats the current token."""

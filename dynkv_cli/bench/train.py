@@ -253,6 +253,12 @@ STAGES = [  # (end as a fraction of the time after the pre-stages, lengths, batc
 ]
 
 
+def curriculum_fraction(start: float, end: float, rest: float) -> float:
+    """The curriculum's fraction when `rest` (0 to 1) of the curriculum's time has passed: from
+    `start` to `end`, so a run can stay in the short stages (`--curriculum-end 0.3`)."""
+    return start + (end - start) * rest
+
+
 def stage(frac: float):
     """(lengths, batch tokens, PoSE probability, tasks or None for all) at this fraction of the time."""
     for end, *rest in STAGES:
@@ -789,6 +795,12 @@ def main(argv=None) -> None:
         "--curriculum-start", type=float, default=0.0, help="start the curriculum at this fraction (with --init)"
     )
     p.add_argument(
+        "--curriculum-end",
+        type=float,
+        default=1.0,
+        help="end the curriculum at this fraction (0.3: only the first stage's short documents)",
+    )
+    p.add_argument(
         "--grow-after",
         type=int,
         nargs="+",
@@ -799,6 +811,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.grow_after and not args.init:
         p.error("--grow-after needs --init (the model to grow)")
+    if not 0.0 <= args.curriculum_start < args.curriculum_end <= 1.0:
+        p.error("--curriculum-start and --curriculum-end need 0 <= start < end <= 1")
     weights = task_weights(args.task_weight)
 
     torch.set_num_threads(args.threads)
@@ -907,7 +921,7 @@ def main(argv=None) -> None:
             if curriculum_from is None:
                 curriculum_from = t_train
             rest = (t_train - curriculum_from) / max(1e-9, budget - curriculum_from)
-            frac = args.curriculum_start + (1 - args.curriculum_start) * rest
+            frac = curriculum_fraction(args.curriculum_start, args.curriculum_end, rest)
             lengths, batch_tokens, pose, tasks = stage(frac)
         stage_steps += 1
         length = rng.choice(lengths)
@@ -969,6 +983,7 @@ def main(argv=None) -> None:
         "earlier_runs": (earlier.get("earlier_runs", []) + [_summary(earlier)]) if args.init else [],
         "grow_after": args.grow_after,
         "curriculum_start": args.curriculum_start,
+        "curriculum_end": args.curriculum_end,
         "first_stage": first,
         "pre_stages": [
             {
