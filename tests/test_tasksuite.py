@@ -297,6 +297,20 @@ def test_curriculum_end_keeps_a_run_in_the_short_stages(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_extra_hints_need_the_hint_weight_and_the_heads(tmp_path, capsys):
+    from dynkv_cli.bench import train
+
+    out = tmp_path / "m"
+    small = ["--hidden", "32", "--intermediate", "64", "--layers", "2", "--heads", "2", "--kv-heads", "1"]
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(out), "--extra-hint", "chain", *small])
+    assert "--extra-hint needs --attn-weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # chain's prev3 head is head 3: a 2-head model has none
+        train.main(["--out", str(out), "--extra-hint", "chain", "--attn-weight", "1", "--threads", "1", *small])
+    assert "names a head the model lacks" in capsys.readouterr().err
+    assert not out.exists()
+
+
 class _Shift(torch.nn.Module):
     """A stand-in model whose logits at position i point at token x[i + offset]: offset 1 is an
     oracle (teacher forcing shows it the answer), offset 0 repeats the current token."""
@@ -427,6 +441,92 @@ def test_lookup_targets_cover_words_only_when_asked(tokenizer):
     ]
 
 
+def test_chain_targets_point_three_tokens_after_the_assigned_variable(tokenizer):
+    """Each variable of a chain's answer points at the token three after where it is assigned: the
+    end of its value for the first, the variable it is assigned from for the next (which is what the
+    answer has just said); a word never assigned in the document is no target."""
+    from dynkv_cli.bench import train
+
+    be = tokenizer.backend_tokenizer
+    words = train.word_tokens(tokenizer)
+    equals = be.encode(" =", add_special_tokens=False).ids[0]
+    a, b, c = T.VARS[:3]
+    doc = be.encode(f"VAR {a} = 12345. The road was wide. VAR {b} = VAR {a}. The {c} waited.").ids
+    prompt = doc + be.encode("\nWhich variables are assigned the value 12345?\nAnswer:", add_special_tokens=False).ids
+    ans = be.encode(f" {a} {b} {c}", add_special_tokens=False).ids + [tokenizer.eos_token_id]
+    assert len(ans) == 4
+    ids = torch.tensor([prompt + ans])
+    labels = torch.tensor([[-100] * len(prompt) + ans])
+    lhs_a, lhs_b = doc.index(ans[0]), doc.index(ans[1])
+    got = train.chain_targets(ids, labels, words, equals)
+    assert got == [(0, len(prompt) - 1, [lhs_a + 3]), (0, len(prompt), [lhs_b + 3])]
+    assert be.decode(doc[lhs_a + 1 : lhs_a + 4]).replace(" ", "") == "=12345"  # the value's last token
+    assert doc[lhs_b + 3] == ans[0]  # b = VAR a: the source is the a that b is assigned from
+
+
+def test_said_targets_point_at_the_items_already_in_the_answer(tokenizer):
+    """From where each later item of an answer starts to where its earlier items start; a repeated item
+    is no target, and a second answer in the same row starts afresh."""
+    from dynkv_cli.bench import train
+
+    be = tokenizer.backend_tokenizer
+    items = train.item_tokens(tokenizer)
+    w0, w1 = T.MARKED[:2]
+    assert items[be.encode(" " + w0, add_special_tokens=False).ids[0]]
+    assert not items[be.encode(" road", add_special_tokens=False).ids[0]]
+    prompt = be.encode("The road was wide.\nAnswer:").ids
+    ans = be.encode(" 123456, 654321, 123456", add_special_tokens=False).ids + [tokenizer.eos_token_id]
+    second = be.encode("\nAnswer:", add_special_tokens=False).ids
+    ans2 = be.encode(f" {w0} {w1}", add_special_tokens=False).ids + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + ans + second + ans2])
+    labels = torch.tensor([[-100] * len(prompt) + ans + [-100] * len(second) + ans2])
+    starts = [len(prompt) + i for i, t in enumerate(ans) if items[t]]
+    assert len(starts) == 3  # the third repeats the first: no target
+    at2 = len(prompt) + len(ans) + len(second)
+    assert train.said_targets(ids, labels, items) == [(0, starts[1] - 1, [starts[0]]), (0, at2, [at2])]
+
+
+def test_attention_hints_refuse_two_hints_on_one_head(tokenizer):
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer)  # 2 layers: the second-to-last is layer 0, whose head 0 is "prev"
+    with pytest.raises(ValueError, match="two attention hints on one head"):
+        train.AttentionHints(model, tokenizer, [*train.ATTENTION_HINTS, train.Hint(-2, 0, "chain")])
+    with pytest.raises(ValueError, match="lacks"):
+        train.AttentionHints(model, tokenizer, [train.Hint(0, 4, "prev3")])
+
+
+def test_extra_hints_train_their_heads(tokenizer):
+    """A few steps on the hint loss alone, on variable tracking: the prev3 head moves onto the token
+    three back, the chain head towards the assignments, the said head onto the answer's earlier items,
+    and its output alone makes those items less likely."""
+    import random
+
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer, layers=3).train()
+    hints = train.AttentionHints(
+        model, tokenizer, [h for name in ("chain", "said") for h in train.EXTRA_HINTS[name]], copy_scale=0.2
+    )
+    assert [(h.layer, h.head, h.kind) for h in hints.hints] == [(0, 3, "prev3"), (1, 0, "chain"), (1, 3, "said")]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = random.Random(0)
+    first = None
+    for _ in range(40):
+        x, y, pos = train.make_batch(rng, [0], 128, 512, tokenizer, 0, 0.0, ("vt",))
+        train.answer_loss(model, x, y, pos)
+        loss, on_target = hints.loss(x, y)
+        first = first or on_target
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hints.remove()
+    assert set(on_target) == {"0.3 prev3", "1.0 chain", "1.0 copy", "1.3 said", "1.3 anticopy"}
+    assert first["0.3 prev3"] < 0.2 < 0.5 < on_target["0.3 prev3"]
+    assert on_target["1.0 chain"] > 2 * first["1.0 chain"] and on_target["1.3 said"] > 2 * first["1.3 said"]
+    assert on_target["1.3 anticopy"] < first["1.3 anticopy"]
+
+
 def test_copy_weight_scales_only_the_copy_term(tokenizer):
     import random
 
@@ -478,13 +578,13 @@ def test_grow_layers_keeps_the_function_then_trains_the_new_layers(tokenizer):
         train.grow_layers(model, [2])
 
 
-def _hinted_model(tokenizer, attn="sdpa"):
+def _hinted_model(tokenizer, attn="sdpa", layers=2):
     from transformers import LlamaForCausalLM
 
     from dynkv_cli.bench import train
 
     torch.manual_seed(0)
-    ns = types.SimpleNamespace(hidden=64, intermediate=64, layers=2, heads=4, kv_heads=2, rope_theta=1e4)
+    ns = types.SimpleNamespace(hidden=64, intermediate=64, layers=layers, heads=4, kv_heads=2, rope_theta=1e4)
     return LlamaForCausalLM._from_config(train.model_config(tokenizer, ns), attn_implementation=attn)
 
 

@@ -350,7 +350,22 @@ class Hint(NamedTuple):
 # For " for K is V" asked with "... for K is": one head brings K to the query (the token before " is"),
 # one brings K to the value (two tokens before it), and one at the query matches K with K.
 ATTENTION_HINTS = (Hint(0, 0, "prev"), Hint(0, 1, "prev2"), Hint(-1, 0, "lookup"))
-_HINT_OFFSETS = {"prev": 1, "prev2": 2}
+_HINT_OFFSETS = {"prev": 1, "prev2": 2, "prev3": 3}
+
+# More hints, turned on by name (--extra-hint), for the two skills the hints above do not reach
+# (docs/quality.md, the eleventh session):
+# - "chain", variable tracking: in " VAR B = VAR A." the variable that comes after A in the answer, B,
+#   is three tokens before the A that is assigned from. One head of layer 0 brings each token the one
+#   three before it ("prev3"), and a head of the second-to-last layer looks, from the answer's A, at
+#   that A ("chain", with a copy term as "lookup" has): the next variable is what it reads there. The
+#   chain's first variable is found the same way from its value (" VAR A = 123 45.": the 45).
+# - "said", the lists (all values of a key, the most frequent words): a head that attends from where
+#   the next item starts to the items already written in the answer, and whose output alone makes
+#   them unlikely ("anticopy"), so that the list does not repeat its first item.
+EXTRA_HINTS = {
+    "chain": (Hint(0, 3, "prev3"), Hint(-2, 0, "chain")),
+    "said": (Hint(-2, 3, "said"),),  # the other KV group than "chain" (6 heads, 2 KV heads)
+}
 
 
 def number_tokens(tokenizer) -> torch.Tensor:
@@ -398,6 +413,58 @@ def lookup_targets(input_ids, labels, starts_number, max_sources: int = 2, words
     return out
 
 
+def chain_targets(input_ids, labels, words, equals: int):
+    """[(row, query position, [source])]: each answer token that is a word (`words`, a vocabulary
+    mask) assigned in the document as " VAR <word> = <rhs>." (the word followed by the token
+    `equals`): the query is the position that predicts it, the source the token three after the word
+    (the last token of the right-hand side: in a chain the variable assigned from, or the value's end)."""
+    out = []
+    for b in range(input_ids.shape[0]):
+        ids, lab = input_ids[b], labels[b]
+        context = lab == -100
+        for j in (~context).nonzero().flatten().tolist():
+            if j < 1 or not words[ids[j]]:
+                continue
+            at = ((ids[: j - 4] == ids[j]) & (ids[1 : j - 3] == equals) & context[: j - 4]).nonzero().flatten()
+            src = [p + 3 for p in at.tolist() if context[p + 3]]
+            if len(src) == 1:
+                out.append((b, j - 1, src))
+    return out
+
+
+def said_targets(input_ids, labels, items):
+    """[(row, query position, positions of the items already said)]: in each answer (a run of
+    labelled tokens), each token that starts an item (`items`, a vocabulary mask: numbers, keys,
+    variables, marked words) after the first, unless it repeats one; the query is the position that
+    predicts it and the targets are where the answer's earlier items start."""
+    out = []
+    for b in range(input_ids.shape[0]):
+        ids, lab = input_ids[b].tolist(), labels[b].tolist()
+        said: list[int] = []
+        for j, (t, y) in enumerate(zip(ids, lab, strict=True)):
+            if y == -100:
+                said = []  # outside an answer: the next answer starts afresh
+                continue
+            if not items[t]:
+                continue
+            if said and all(ids[i] != t for i in said):
+                out.append((b, j - 1, list(said)))
+            said.append(j)
+    return out
+
+
+def item_tokens(tokenizer) -> torch.Tensor:
+    """A mask over the vocabulary: the tokens that start an answer's item (numbers, the invented words
+    of :func:`word_tokens` and the aggregation's marked words)."""
+    from dynkv_cli.bench import tasks as T
+
+    be = tokenizer.backend_tokenizer
+    mask = number_tokens(tokenizer) | word_tokens(tokenizer)
+    for w in T.MARKED:
+        mask[be.encode(" " + w, add_special_tokens=False).ids[0]] = True
+    return mask
+
+
 class AttentionHints:
     """Captures the input of the hinted layers' attention during a training forward pass and turns
     it into a loss: per hint, the mean over its query positions of -log(attention on the targets),
@@ -426,6 +493,16 @@ class AttentionHints:
         self.pad = tokenizer.pad_token_id
         self.starts_number = number_tokens(tokenizer)
         self.words = word_tokens(tokenizer) if words else None  # lookups of invented words too
+        heads = [(h.layer, h.head) for h in self.hints]
+        if any(h.head >= cfg.num_attention_heads for h in self.hints):
+            raise ValueError(f"an attention hint names a head the model lacks ({cfg.num_attention_heads} per layer)")
+        if len(set(heads)) < len(heads):
+            raise ValueError(f"two attention hints on one head (layer, head): {heads}")
+        if any(h.kind == "chain" for h in self.hints):
+            self.chain_words = word_tokens(tokenizer)
+            self.equals = tokenizer.backend_tokenizer.encode(" =", add_special_tokens=False).ids[0]
+        if any(h.kind == "said" for h in self.hints):
+            self.items = item_tokens(tokenizer)
         self.copy_scale = copy_scale  # the copy term's weight against the attention terms
         self.positions = positions
         self.inputs: dict[int, tuple] = {}
@@ -463,33 +540,61 @@ class AttentionHints:
         q, k = apply_rotary_pos_emb((hidden @ w_q.T).unsqueeze(1), (hidden @ w_k.T).unsqueeze(1), cos, sin)
         return q[:, 0], k[:, 0], self.layers[hint.layer].self_attn.scaling
 
+    def _read(self, hint: Hint, q, k, scale, input_ids, targets):
+        """(attention term, read term) of a targeted hint, over all its targets at once: the mean of
+        -log(attention on the sources) and of what the head's output alone (RMS-normalised, through
+        the final norm's weight and the unembedding) says: the cross-entropy of the next token, or for
+        "said" log p(any item already said)."""
+        _, _, w_v, w_o = self._weights(hint)
+        dev = input_ids.device
+        rows = torch.tensor([b for b, _, _ in targets], device=dev)
+        at = torch.tensor([t for _, t, _ in targets], device=dev)
+        n = int(at.max()) + 1
+        s = torch.einsum("nd,ntd->nt", q[rows, at], k[rows, :n]) * scale
+        s = s.masked_fill(torch.arange(n, device=dev) > at[:, None], float("-inf"))
+        src = torch.zeros_like(s, dtype=torch.bool)
+        for i, (_, _, sources) in enumerate(targets):
+            src[i, sources] = True
+        look = torch.logsumexp(s, 1) - torch.logsumexp(s.masked_fill(~src, float("-inf")), 1)
+        v = self.inputs[hint.layer][0] @ w_v.T
+        out = torch.einsum("nt,ntd->nd", s.softmax(1), v[rows, :n]) @ w_o.T
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.final_norm
+        logits = out @ self.unembed.T
+        if hint.kind == "said":  # pushed down
+            said = torch.zeros_like(logits, dtype=torch.bool)
+            for i, (b, _, sources) in enumerate(targets):
+                said[i, input_ids[b, sources]] = True
+            read = torch.logsumexp(logits.masked_fill(~said, float("-inf")), 1) - torch.logsumexp(logits, 1)
+        else:  # what it reads there names the answer
+            read = torch.nn.functional.cross_entropy(logits, input_ids[rows, at + 1], reduction="none")
+        return look.mean(), read.mean()
+
+    def _targets(self, kind: str, input_ids, labels, cache: dict):
+        if kind not in cache:
+            if kind == "lookup":
+                cache[kind] = lookup_targets(input_ids, labels, self.starts_number, words=self.words)
+            elif kind == "chain":
+                cache[kind] = chain_targets(input_ids, labels, self.chain_words, self.equals)
+            else:
+                cache[kind] = said_targets(input_ids, labels, self.items)
+        return cache[kind]
+
     def loss(self, input_ids, labels):
         """(sum of the hints' losses, {"layer.head kind": exp(-loss)}, the geometric mean over the
-        query positions of the attention on the targets)."""
+        query positions of the attention on the targets; for "anticopy" the probability that the
+        head's output alone gives the items already said)."""
         parts: dict[str, torch.Tensor] = {}
-        targets = None
+        cache: dict[str, list] = {}
         for hint in self.hints:
             q, k, scale = self._qk(hint)
-            if hint.kind == "lookup":
-                targets = (
-                    lookup_targets(input_ids, labels, self.starts_number, words=self.words)
-                    if targets is None
-                    else targets
-                )
+            name = f"{hint.layer}.{hint.head}"
+            if hint.kind in ("lookup", "chain", "said"):
+                targets = self._targets(hint.kind, input_ids, labels, cache)
                 if not targets:
                     continue
-                _, _, w_v, w_o = self._weights(hint)
-                v = self.inputs[hint.layer][0] @ w_v.T
-                look, copy = [], []
-                for b, t, src in targets:
-                    s = (k[b, : t + 1] @ q[b, t]) * scale
-                    look.append(torch.logsumexp(s, 0) - torch.logsumexp(s[src], 0))
-                    # and what it reads there, alone through the final norm and the unembedding, names the answer
-                    out = (s.softmax(0) @ v[b, : t + 1]) @ w_o.T
-                    out = out * torch.rsqrt(out.pow(2).mean() + 1e-6) * self.final_norm
-                    copy.append(torch.nn.functional.cross_entropy(self.unembed @ out, input_ids[b, t + 1]))
-                parts[f"{hint.layer}.{hint.head} {hint.kind}"] = torch.stack(look).mean()
-                parts[f"{hint.layer}.{hint.head} copy"] = torch.stack(copy).mean()
+                look, read = self._read(hint, q, k, scale, input_ids, targets)
+                parts[f"{name} {hint.kind}"] = look
+                parts[f"{name} {'anticopy' if hint.kind == 'said' else 'copy'}"] = read
             else:
                 off, n, dev = _HINT_OFFSETS[hint.kind], input_ids.shape[1], input_ids.device
                 pos = torch.arange(off, n, device=dev)
@@ -500,9 +605,13 @@ class AttentionHints:
                 on = s.gather(2, (pos - off)[None, :, None].expand(s.shape[0], -1, 1))[..., 0]
                 lp = on - torch.logsumexp(s, -1)
                 real = input_ids[:, pos] != self.pad
-                parts[f"{hint.layer}.{hint.head} {hint.kind}"] = -lp[real].mean()
-        total = sum(v * (self.copy_scale if name.endswith(" copy") else 1.0) for name, v in parts.items())
-        return total if parts else torch.zeros(()), {name: round(math.exp(-v.item()), 3) for name, v in parts.items()}
+                parts[f"{name} {hint.kind}"] = -lp[real].mean()
+        total = sum(v * (self.copy_scale if name.endswith("copy") else 1.0) for name, v in parts.items())
+        shown = {  # p(items said) to two significant digits: it is small
+            name: float(f"{math.exp(v.item()):.2g}") if name.endswith("anticopy") else round(math.exp(-v.item()), 3)
+            for name, v in parts.items()
+        }
+        return total if parts else torch.zeros(()), shown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -777,6 +886,13 @@ def main(argv=None) -> None:
         action="store_true",
         help="with --attn-weight: the lookup hint also covers answers' invented words (variables, keys, names)",
     )
+    p.add_argument(
+        "--extra-hint",
+        action="append",
+        choices=sorted(EXTRA_HINTS),
+        default=[],
+        help="with --attn-weight: add these hints to ATTENTION_HINTS (repeatable; see EXTRA_HINTS)",
+    )
     p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
     p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
     p.add_argument(
@@ -811,6 +927,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.grow_after and not args.init:
         p.error("--grow-after needs --init (the model to grow)")
+    if args.extra_hint and args.attn_weight <= 0:
+        p.error("--extra-hint needs --attn-weight (the hints' weight)")
     if not 0.0 <= args.curriculum_start < args.curriculum_end <= 1.0:
         p.error("--curriculum-start and --curriculum-end need 0 <= start < end <= 1")
     weights = task_weights(args.task_weight)
@@ -886,11 +1004,15 @@ def main(argv=None) -> None:
     next_eval = args.eval_every * 60
     history = []
     ema = None
-    hints = (
-        AttentionHints(model, tokenizer, copy_scale=args.copy_weight, words=args.hint_words)
-        if args.attn_weight > 0
-        else None
-    )
+    hint_list = list(ATTENTION_HINTS) + [h for name in args.extra_hint for h in EXTRA_HINTS[name]]
+    try:
+        hints = (
+            AttentionHints(model, tokenizer, hint_list, copy_scale=args.copy_weight, words=args.hint_words)
+            if args.attn_weight > 0
+            else None
+        )
+    except ValueError as e:
+        p.error(str(e))
     hinted: dict[str, float] = {}  # EMA of each hint's attention on its targets
 
     def rounded(d: dict[str, float]) -> dict[str, float]:
@@ -1007,7 +1129,7 @@ def main(argv=None) -> None:
         "lr": args.lr,
         "lm_weight": args.lm_weight,
         "attn_weight": args.attn_weight,
-        "attention_hints": [h._asdict() for h in ATTENTION_HINTS] if hints else [],
+        "attention_hints": [h._asdict() for h in hint_list] if hints else [],
         "copy_weight": args.copy_weight if hints else None,
         "hint_words": bool(args.hint_words and hints),
         "attention_on_targets": rounded(hinted),
