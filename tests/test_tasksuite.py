@@ -521,10 +521,11 @@ def test_extra_hints_train_their_heads(tokenizer):
         loss.backward()
         opt.step()
     hints.remove()
-    assert set(on_target) == {"0.3 prev3", "1.0 chain", "1.0 copy", "1.3 said", "1.3 anticopy"}
+    assert set(on_target) == {"0.3 prev3", "0.3 copy", "1.0 chain", "1.0 copy", "1.3 said", "1.3 anticopy"}
     assert first["0.3 prev3"] < 0.2 < 0.5 < on_target["0.3 prev3"]
     assert on_target["1.0 chain"] > 2 * first["1.0 chain"] and on_target["1.3 said"] > 2 * first["1.3 said"]
     assert on_target["1.3 anticopy"] < first["1.3 anticopy"]
+    assert on_target["0.3 copy"] > 2 * first["0.3 copy"]  # prev3's output comes to name the token three back
 
 
 def test_copy_weight_scales_only_the_copy_term(tokenizer):
