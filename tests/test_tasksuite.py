@@ -521,11 +521,36 @@ def test_extra_hints_train_their_heads(tokenizer):
         loss.backward()
         opt.step()
     hints.remove()
-    assert set(on_target) == {"0.3 prev3", "0.3 copy", "1.0 chain", "1.0 copy", "1.3 said", "1.3 anticopy"}
+    assert set(on_target) == {"0.3 prev3", "1.0 chain", "1.0 copy", "1.3 said", "1.3 anticopy"}
     assert first["0.3 prev3"] < 0.2 < 0.5 < on_target["0.3 prev3"]
     assert on_target["1.0 chain"] > 2 * first["1.0 chain"] and on_target["1.3 said"] > 2 * first["1.3 said"]
     assert on_target["1.3 anticopy"] < first["1.3 anticopy"]
-    assert on_target["0.3 copy"] > 2 * first["0.3 copy"]  # prev3's output comes to name the token three back
+
+
+def test_chain_copy_reads_the_sources_whatever_the_head_attends_to(tokenizer):
+    """The chain head's copy term reads its sources alone: changing the head's queries moves its
+    attention term and leaves the copy term as it was (the lookup's copy reads with its attention)."""
+    import random
+
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer, layers=3).train()
+    hints = train.AttentionHints(model, tokenizer, [*train.ATTENTION_HINTS[:2], *train.EXTRA_HINTS["chain"]])
+    x, y, pos = train.make_batch(random.Random(0), [0], 128, 512, tokenizer, 0, 0.0, ("vt",))
+    chain = hints.hints[-1]
+    targets = train.chain_targets(x, y, hints.chain_words, hints.equals)
+    assert chain.kind == "chain" and targets
+    terms = []
+    for randomise in (False, True):
+        if randomise:
+            with torch.no_grad():
+                model.model.layers[1].self_attn.q_proj.weight.normal_(0.0, 1.0)
+        with torch.no_grad():
+            train.answer_loss(model, x, y, pos)
+            terms.append(hints._read(chain, *hints._qk(chain), x, targets))
+    hints.remove()
+    assert abs(terms[0][0] - terms[1][0]) > 0.1  # the attention term moved
+    torch.testing.assert_close(terms[0][1], terms[1][1])  # the copy term did not
 
 
 def test_copy_weight_scales_only_the_copy_term(tokenizer):

@@ -351,7 +351,6 @@ class Hint(NamedTuple):
 # one brings K to the value (two tokens before it), and one at the query matches K with K.
 ATTENTION_HINTS = (Hint(0, 0, "prev"), Hint(0, 1, "prev2"), Hint(-1, 0, "lookup"))
 _HINT_OFFSETS = {"prev": 1, "prev2": 2, "prev3": 3}
-_HINT_COPIES = ("prev3",)  # positional hints with a copy term (the chain reads what prev3 brings)
 
 # More hints, turned on by name (--extra-hint), for the two skills the hints above do not reach
 # (docs/quality.md, the eleventh session):
@@ -359,9 +358,11 @@ _HINT_COPIES = ("prev3",)  # positional hints with a copy term (the chain reads 
 #   is three tokens before the A that is assigned from. One head of layer 0 brings each token the one
 #   three before it ("prev3"), and a head of the second-to-last layer looks, from the answer's A, at
 #   that A ("chain", with a copy term as "lookup" has): the next variable is what it reads there. The
-#   chain's first variable is found the same way from its value (" VAR A = 123 45.": the 45). The
-#   prev3 head has a copy term too (its output alone names the token three back): without it the
-#   chain head found its sources but read nothing there that named the answer.
+#   chain's first variable is found the same way from its value (" VAR A = 123 45.": the 45). Its
+#   copy term reads the sources alone (the attention it should have, not the one it has): with its
+#   own attention, which found the sources slowly, it read nothing there that named the answer; and a
+#   copy term on prev3 itself wrote the token three back in the directions of the token's own
+#   embedding, where the chain head could not tell the two apart.
 # - "said", the lists (all values of a key, the most frequent words): a head that attends from where
 #   the next item starts to the items already written in the answer, and whose output alone makes
 #   them unlikely ("anticopy"), so that the list does not repeat its first item.
@@ -560,7 +561,9 @@ class AttentionHints:
             src[i, sources] = True
         look = torch.logsumexp(s, 1) - torch.logsumexp(s.masked_fill(~src, float("-inf")), 1)
         v = self.inputs[hint.layer][0] @ w_v.T
-        out = torch.einsum("nt,ntd->nd", s.softmax(1), v[rows, :n]) @ w_o.T
+        # "chain" reads its sources alone (see EXTRA_HINTS); the others read with their own attention
+        attn = src / src.sum(1, keepdim=True) if hint.kind == "chain" else s.softmax(1)
+        out = torch.einsum("nt,ntd->nd", attn, v[rows, :n]) @ w_o.T
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.final_norm
         logits = out @ self.unembed.T
         if hint.kind == "said":  # pushed down
@@ -609,12 +612,6 @@ class AttentionHints:
                 lp = on - torch.logsumexp(s, -1)
                 real = input_ids[:, pos] != self.pad
                 parts[f"{name} {hint.kind}"] = -lp[real].mean()
-                if hint.kind in _HINT_COPIES:  # what the head brings, alone, names the token it attends to
-                    _, _, w_v, w_o = self._weights(hint)
-                    out = (s.softmax(-1) @ (self.inputs[hint.layer][0] @ w_v.T)) @ w_o.T
-                    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.final_norm
-                    logits = (out @ self.unembed.T)[real]
-                    parts[f"{name} copy"] = torch.nn.functional.cross_entropy(logits, input_ids[:, pos - off][real])
         total = sum(v * (self.copy_scale if name.endswith("copy") else 1.0) for name, v in parts.items())
         shown = {  # p(items said) to two significant digits: it is small
             name: float(f"{math.exp(v.item()):.2g}") if name.endswith("anticopy") else round(math.exp(-v.item()), 3)
