@@ -305,9 +305,12 @@ def test_extra_hints_need_the_hint_weight_and_the_heads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--out", str(out), "--extra-hint", "chain", *small])
     assert "--extra-hint needs --attn-weight" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # chain's prev3 head is head 3: a 2-head model has none
-        train.main(["--out", str(out), "--extra-hint", "chain", "--attn-weight", "1", "--threads", "1", *small])
+    with pytest.raises(SystemExit):  # the said head is head 3: a 2-head model has none
+        train.main(["--out", str(out), "--extra-hint", "said", "--attn-weight", "1", "--threads", "1", *small])
     assert "names a head the model lacks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 2 layers: the chain head (second-to-last layer, head 0) is "prev"'s
+        train.main(["--out", str(out), "--extra-hint", "chain", "--attn-weight", "1", "--threads", "1", *small])
+    assert "two attention hints on one head" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -504,11 +507,11 @@ def test_extra_hints_train_their_heads(tokenizer):
 
     from dynkv_cli.bench import train
 
-    model = _hinted_model(tokenizer, layers=3).train()
+    model = _hinted_model(tokenizer, layers=4).train()
     hints = train.AttentionHints(
         model, tokenizer, [h for name in ("chain", "said") for h in train.EXTRA_HINTS[name]], copy_scale=0.2
     )
-    assert [(h.layer, h.head, h.kind) for h in hints.hints] == [(0, 3, "prev3"), (1, 0, "chain"), (1, 3, "said")]
+    assert [(h.layer, h.head, h.kind) for h in hints.hints] == [(1, 1, "prev3"), (2, 0, "chain"), (2, 3, "said")]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     rng = random.Random(0)
     first = None
@@ -521,10 +524,10 @@ def test_extra_hints_train_their_heads(tokenizer):
         loss.backward()
         opt.step()
     hints.remove()
-    assert set(on_target) == {"0.3 prev3", "1.0 chain", "1.0 copy", "1.3 said", "1.3 anticopy"}
-    assert first["0.3 prev3"] < 0.2 < 0.5 < on_target["0.3 prev3"]
-    assert on_target["1.0 chain"] > 2 * first["1.0 chain"] and on_target["1.3 said"] > 2 * first["1.3 said"]
-    assert on_target["1.3 anticopy"] < first["1.3 anticopy"]
+    assert set(on_target) == {"1.1 prev3", "2.0 chain", "2.0 copy", "2.3 said", "2.3 anticopy"}
+    assert first["1.1 prev3"] < 0.2 < 0.5 < on_target["1.1 prev3"]
+    assert on_target["2.0 chain"] > 2 * first["2.0 chain"] and on_target["2.3 said"] > 2 * first["2.3 said"]
+    assert on_target["2.3 anticopy"] < first["2.3 anticopy"]
 
 
 def test_chain_copy_reads_the_sources_whatever_the_head_attends_to(tokenizer):
@@ -534,7 +537,7 @@ def test_chain_copy_reads_the_sources_whatever_the_head_attends_to(tokenizer):
 
     from dynkv_cli.bench import train
 
-    model = _hinted_model(tokenizer, layers=3).train()
+    model = _hinted_model(tokenizer, layers=4).train()
     hints = train.AttentionHints(model, tokenizer, [*train.ATTENTION_HINTS[:2], *train.EXTRA_HINTS["chain"]])
     x, y, pos = train.make_batch(random.Random(0), [0], 128, 512, tokenizer, 0, 0.0, ("vt",))
     chain = hints.hints[-1]
@@ -544,7 +547,7 @@ def test_chain_copy_reads_the_sources_whatever_the_head_attends_to(tokenizer):
     for randomise in (False, True):
         if randomise:
             with torch.no_grad():
-                model.model.layers[1].self_attn.q_proj.weight.normal_(0.0, 1.0)
+                model.model.layers[2].self_attn.q_proj.weight.normal_(0.0, 1.0)
         with torch.no_grad():
             train.answer_loss(model, x, y, pos)
             terms.append(hints._read(chain, *hints._qk(chain), x, targets))
