@@ -308,7 +308,7 @@ def test_extra_hints_need_the_hint_weight_and_the_heads(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the said head is head 3: a 2-head model has none
         train.main(["--out", str(out), "--extra-hint", "said", "--attn-weight", "1", "--threads", "1", *small])
     assert "names a head the model lacks" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # 2 layers: the chain head (second-to-last layer, head 0) is "prev"'s
+    with pytest.raises(SystemExit):  # 2 layers: the chain head (layer 1, head 1) is prev3's
         train.main(["--out", str(out), "--extra-hint", "chain", "--attn-weight", "1", "--threads", "1", *small])
     assert "two attention hints on one head" in capsys.readouterr().err
     assert not out.exists()
@@ -511,7 +511,7 @@ def test_extra_hints_train_their_heads(tokenizer):
     hints = train.AttentionHints(
         model, tokenizer, [h for name in ("chain", "said") for h in train.EXTRA_HINTS[name]], copy_scale=0.2
     )
-    assert [(h.layer, h.head, h.kind) for h in hints.hints] == [(1, 1, "prev3"), (2, 0, "chain"), (2, 3, "said")]
+    assert [(h.layer, h.head, h.kind) for h in hints.hints] == [(1, 1, "prev3"), (3, 1, "chain"), (2, 3, "said")]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     rng = random.Random(0)
     first = None
@@ -524,9 +524,9 @@ def test_extra_hints_train_their_heads(tokenizer):
         loss.backward()
         opt.step()
     hints.remove()
-    assert set(on_target) == {"1.1 prev3", "2.0 chain", "2.0 copy", "2.3 said", "2.3 anticopy"}
+    assert set(on_target) == {"1.1 prev3", "3.1 chain", "3.1 copy", "2.3 said", "2.3 anticopy"}
     assert first["1.1 prev3"] < 0.2 < 0.5 < on_target["1.1 prev3"]
-    assert on_target["2.0 chain"] > 2 * first["2.0 chain"] and on_target["2.3 said"] > 2 * first["2.3 said"]
+    assert on_target["3.1 chain"] > 2 * first["3.1 chain"] and on_target["2.3 said"] > 2 * first["2.3 said"]
     assert on_target["2.3 anticopy"] < first["2.3 anticopy"]
 
 
@@ -547,7 +547,7 @@ def test_chain_copy_reads_the_sources_whatever_the_head_attends_to(tokenizer):
     for randomise in (False, True):
         if randomise:
             with torch.no_grad():
-                model.model.layers[2].self_attn.q_proj.weight.normal_(0.0, 1.0)
+                model.model.layers[3].self_attn.q_proj.weight.normal_(0.0, 1.0)
         with torch.no_grad():
             train.answer_loss(model, x, y, pos)
             terms.append(hints._read(chain, *hints._qk(chain), x, targets))

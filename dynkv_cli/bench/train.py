@@ -356,7 +356,7 @@ _HINT_OFFSETS = {"prev": 1, "prev2": 2, "prev3": 3}
 # (docs/quality.md, the eleventh session):
 # - "chain", variable tracking: in " VAR B = VAR A." the variable that comes after A in the answer, B,
 #   is three tokens before the A that is assigned from. One head of layer 1 brings each token the one
-#   three before it ("prev3"), and a head of the second-to-last layer looks, from the answer's A, at
+#   three before it ("prev3"), and a head of the last layer looks, from the answer's A, at
 #   that A ("chain", with a copy term as "lookup" has): the next variable is what it reads there. The
 #   chain's first variable is found the same way from its value (" VAR A = 123 45.": the 45). Its
 #   copy term reads the sources alone (the attention it should have, not the one it has): with its
@@ -364,13 +364,14 @@ _HINT_OFFSETS = {"prev": 1, "prev2": 2, "prev3": 3}
 #   copy term on prev3 itself wrote the token three back in the directions of the token's own
 #   embedding, where the chain head could not tell the two apart. (prev3 is in layer 1, not 0: in
 #   the shipped model layer 1 computes almost nothing, and a head of layer 0 shares its keys with a
-#   head the model needs.)
+#   head the model needs. The chain head is in the last layer: in the second-to-last it learnt to
+#   find and read the next variable, but what it wrote did not reach the answer through the last.)
 # - "said", the lists (all values of a key, the most frequent words): a head that attends from where
 #   the next item starts to the items already written in the answer, and whose output alone makes
 #   them unlikely ("anticopy"), so that the list does not repeat its first item.
 EXTRA_HINTS = {
-    "chain": (Hint(1, 1, "prev3"), Hint(-2, 0, "chain")),
-    "said": (Hint(-2, 3, "said"),),  # the other KV group than "chain" (6 heads, 2 KV heads)
+    "chain": (Hint(1, 1, "prev3"), Hint(-1, 1, "chain")),
+    "said": (Hint(-2, 3, "said"),),
 }
 
 
