@@ -503,7 +503,6 @@ def test_extra_hints_train_their_heads(tokenizer):
     """A few steps on the hint loss alone, on variable tracking: the prev3 head moves onto the token
     three back, the chain head towards the assignments, the said head onto the answer's earlier items,
     and its output alone makes those items less likely."""
-    import random
 
     from dynkv_cli.bench import train
 
@@ -512,17 +511,7 @@ def test_extra_hints_train_their_heads(tokenizer):
         model, tokenizer, [h for name in ("chain", "said") for h in train.EXTRA_HINTS[name]], copy_scale=0.2
     )
     assert [(h.layer, h.head, h.kind) for h in hints.hints] == [(1, 1, "prev3"), (3, 1, "chain"), (2, 3, "said")]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    rng = random.Random(0)
-    first = None
-    for _ in range(40):
-        x, y, pos = train.make_batch(rng, [0], 128, 512, tokenizer, 0, 0.0, ("vt",))
-        train.answer_loss(model, x, y, pos)
-        loss, on_target = hints.loss(x, y)
-        first = first or on_target
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    first, on_target = _train_on_hints(model, hints, tokenizer, "vt")
     hints.remove()
     assert set(on_target) == {"1.1 prev3", "3.1 chain", "3.1 copy", "2.3 said", "2.3 anticopy"}
     assert first["1.1 prev3"] < 0.2 < 0.5 < on_target["1.1 prev3"]
@@ -607,6 +596,27 @@ def test_grow_layers_keeps_the_function_then_trains_the_new_layers(tokenizer):
         train.grow_layers(model, [2])
 
 
+def _train_on_hints(model, hints, tokenizer, task: str, steps: int = 40):
+    """`steps` Adam steps on the hint loss alone, on batches of `task`: (the first step's attention on
+    the targets, the last one's)."""
+    import random
+
+    from dynkv_cli.bench import train
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = random.Random(0)
+    first = None
+    for _ in range(steps):
+        x, y, pos = train.make_batch(rng, [0], 128, 512, tokenizer, 0, 0.0, (task,))
+        train.answer_loss(model, x, y, pos)
+        loss, on_target = hints.loss(x, y)
+        first = first or on_target
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, on_target
+
+
 def _hinted_model(tokenizer, attn="sdpa", layers=2):
     from transformers import LlamaForCausalLM
 
@@ -641,23 +651,12 @@ def test_attention_hints_recompute_the_heads_own_attention(tokenizer):
 
 def test_attention_hints_train_their_heads(tokenizer):
     """A few steps on the hint loss alone move each hinted head's attention onto its targets."""
-    import random
 
     from dynkv_cli.bench import train
 
     model = _hinted_model(tokenizer).train()
     hints = train.AttentionHints(model, tokenizer)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    rng = random.Random(0)
-    first = None
-    for _ in range(40):
-        x, y, pos = train.make_batch(rng, [0], 128, 512, tokenizer, 0, 0.0, ("niah_multikey",))
-        train.answer_loss(model, x, y, pos)
-        loss, on_target = hints.loss(x, y)
-        first = first or on_target
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    first, on_target = _train_on_hints(model, hints, tokenizer, "niah_multikey")
     assert set(on_target) == {"0.0 prev", "0.1 prev2", "1.0 lookup", "1.0 copy"}
     assert all(first[k] < 0.2 for k in ("0.0 prev", "0.1 prev2", "1.0 lookup"))
     assert (
