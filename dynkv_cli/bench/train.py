@@ -365,7 +365,9 @@ _HINT_OFFSETS = {"prev": 1, "prev2": 2, "prev3": 3}
 #   embedding, where the chain head could not tell the two apart. (prev3 is in layer 1, not 0: in
 #   the shipped model layer 1 computes almost nothing, and a head of layer 0 shares its keys with a
 #   head the model needs. The chain head is in the last layer: in the second-to-last it learnt to
-#   find and read the next variable, but what it wrote did not reach the answer through the last.)
+#   find and read the next variable, but what it wrote did not reach the answer through the last.
+#   In the last layer of the shipped model it shares keys and values with the lookup head, and it
+#   has not yet learnt to read there: docs/quality.md, the eleventh session.)
 # - "said", the lists (all values of a key, the most frequent words): a head that attends from where
 #   the next item starts to the items already written in the answer, and whose output alone makes
 #   them unlikely ("anticopy"), so that the list does not repeat its first item.
