@@ -432,7 +432,7 @@ def chain_targets(input_ids, labels, words, equals: int):
         ids, lab = input_ids[b], labels[b]
         context = lab == -100
         for j in (~context).nonzero().flatten().tolist():
-            if j < 1 or not words[ids[j]]:
+            if j < 5 or not words[ids[j]]:  # an assignment takes 5 tokens before the answer
                 continue
             at = ((ids[: j - 4] == ids[j]) & (ids[1 : j - 3] == equals) & context[: j - 4]).nonzero().flatten()
             src = [p + 3 for p in at.tolist() if context[p + 3]]
@@ -481,7 +481,9 @@ class AttentionHints:
     hint adds a "copy" term: the cross-entropy of the answer token given the head's output alone
     (RMS-normalised, through the final norm's weight and the unembedding, weighted by `copy_scale`),
     so that what the head finds reaches the answer. With `words`, the lookups include the answers'
-    invented words (:func:`word_tokens`) as well as their numbers."""
+    invented words (:func:`word_tokens`) as well as their numbers. The "chain" and "said" hints of
+    EXTRA_HINTS work the same way on their own targets (:func:`chain_targets`, :func:`said_targets`);
+    the chain's copy term reads its sources alone, and "said" has an "anticopy" term instead."""
 
     def __init__(
         self,
