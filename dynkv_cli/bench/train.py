@@ -503,14 +503,15 @@ class AttentionHints:
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.pad = tokenizer.pad_token_id
         self.starts_number = number_tokens(tokenizer)
-        self.words = word_tokens(tokenizer) if words else None  # lookups of invented words too
+        invented = word_tokens(tokenizer)
+        self.words = invented if words else None  # lookups of invented words too
         heads = [(h.layer, h.head) for h in self.hints]
         if any(h.head >= cfg.num_attention_heads for h in self.hints):
             raise ValueError(f"an attention hint names a head the model lacks ({cfg.num_attention_heads} per layer)")
         if len(set(heads)) < len(heads):
             raise ValueError(f"two attention hints on one head (layer, head): {heads}")
         if any(h.kind == "chain" for h in self.hints):
-            self.chain_words = word_tokens(tokenizer)
+            self.chain_words = invented
             self.equals = tokenizer.backend_tokenizer.encode(" =", add_special_tokens=False).ids[0]
         if any(h.kind == "said" for h in self.hints):
             self.items = item_tokens(tokenizer)
