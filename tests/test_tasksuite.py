@@ -252,10 +252,16 @@ def test_train_script_runs_end_to_end(tmp_path):
             "1",
             "--grow-after",
             "0",
+            "--add-kv-heads",
+            "1",
+            "--extra-hint",
+            "prev3:1:2",
         ]
     )
     record2 = json.loads((out2 / "training.json").read_text())
-    assert record2["grow_after"] == [0] and LlamaForCausalLM.from_pretrained(out2).config.num_hidden_layers == 2
+    config2 = LlamaForCausalLM.from_pretrained(out2).config
+    assert record2["grow_after"] == [0] and config2.num_hidden_layers == 2
+    assert record2["add_kv_heads"] == 1 and (config2.num_attention_heads, config2.num_key_value_heads) == (4, 2)
     assert record2["earlier_runs"][0]["steps"] == record["steps"] and record2["curriculum_from_train_minutes"] == 0
     assert "recall" not in record["task_weights"] and record["task_weights"]["copy"] == train.TASK_WEIGHTS["copy"]
     assert record2["task_weights"]["recall"] == 1.0 and "copy" not in record2["task_weights"]
@@ -265,8 +271,10 @@ def test_train_script_runs_end_to_end(tmp_path):
         "prev",
         "prev2",
         "lookup",
+        "prev3",
     ]
-    assert {"0.0 prev", "0.1 prev2", "1.0 lookup"} <= set(record2["attention_on_targets"])  # grown to 2 layers
+    # grown to 2 layers; prev3 on a fresh head (head 2: the added KV head's first query head)
+    assert {"0.0 prev", "0.1 prev2", "1.0 lookup", "1.2 prev3"} <= set(record2["attention_on_targets"])
 
 
 def test_task_weights_change_the_mix(tokenizer):
@@ -311,7 +319,69 @@ def test_extra_hints_need_the_hint_weight_and_the_heads(tmp_path, capsys):
     with pytest.raises(SystemExit):  # 2 layers: the chain head (layer 1, head 1) is prev3's
         train.main(["--out", str(out), "--extra-hint", "chain", "--attn-weight", "1", "--threads", "1", *small])
     assert "two attention hints on one head" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one hint on a chosen head: the same check
+        train.main(["--out", str(out), "--extra-hint", "chain:0:7", "--attn-weight", "1", "--threads", "1", *small])
+    assert "names a head the model lacks" in capsys.readouterr().err
+    for bad in ("chains", "chain:1", "chain:x:1", "copy:1:1", "chain:1:-1"):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(out), "--extra-hint", bad, "--attn-weight", "1", *small])
+        assert "KIND:LAYER:HEAD" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(out), "--kv-group", "2", *small])
+    assert "need --init" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_extra_hints_by_name_or_by_head():
+    from dynkv_cli.bench import train
+
+    assert train.extra_hints("chain") == train.EXTRA_HINTS["chain"]
+    assert train.extra_hints("chain:-1:6") == (train.Hint(-1, 6, "chain"),)
+    assert train.extra_hints("prev3:1:0") == (train.Hint(1, 0, "prev3"),)
+
+
+@pytest.mark.parametrize(("group", "add", "heads", "kv", "fresh"), [(2, 0, 8, 4, [3, 7]), (None, 1, 9, 3, [6, 7, 8])])
+def test_widen_heads_keeps_the_function_then_trains_the_new_heads(tokenizer, group, add, heads, kv, fresh):
+    """More heads, same function: the original query heads keep their weights and read a copy of
+    their KV head, the fresh heads' output projections are zero, and one optimizer step makes them
+    contribute. 6 query / 2 KV heads regrouped by 2 become (0 1) (2 new) (3 4) (5 new)."""
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer, "eager")
+    cfg = model.config
+    cfg.num_attention_heads, cfg.head_dim = 6, 16  # 6 query heads of 16 over 2 KV heads: groups of 3
+    model = type(model)._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    wide = train.widen_heads(model, group, add).eval()
+    assert (wide.config.num_attention_heads, wide.config.num_key_value_heads) == (heads, kv)
+    x = torch.randint(0, len(tokenizer), (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x).logits, model(x).logits, rtol=0, atol=1e-5)
+    d, old, new = 16, model.model.layers[1].self_attn, wide.model.layers[1].self_attn
+    original = [h for h in range(heads) if h not in fresh]
+    assert len(original) == 6
+    for i, h in enumerate(original):  # same query weights; the KV head it reads is a copy of its old one
+        assert torch.equal(new.q_proj.weight[h * d : (h + 1) * d], old.q_proj.weight[i * d : (i + 1) * d])
+        g_new, g_old = h // (heads // kv), i // 3
+        assert torch.equal(
+            new.k_proj.weight[g_new * d : (g_new + 1) * d], old.k_proj.weight[g_old * d : (g_old + 1) * d]
+        )
+        assert torch.equal(
+            new.v_proj.weight[g_new * d : (g_new + 1) * d], old.v_proj.weight[g_old * d : (g_old + 1) * d]
+        )
+    for h in fresh:
+        assert not new.o_proj.weight[:, h * d : (h + 1) * d].any()
+        assert new.q_proj.weight[h * d : (h + 1) * d].any()
+    wide.train()
+    opt = torch.optim.SGD(wide.parameters(), lr=0.1)
+    wide(x, labels=x).loss.backward()
+    opt.step()
+    assert all(new.o_proj.weight[:, h * d : (h + 1) * d].any() for h in fresh)
+    for bad in ((0, 0), (None, -1)):
+        with pytest.raises(ValueError):
+            train.widen_heads(model, *bad)
 
 
 class _Shift(torch.nn.Module):

@@ -377,6 +377,27 @@ EXTRA_HINTS = {
 }
 
 
+HINT_KINDS = ("prev", "prev2", "prev3", "lookup", "chain", "said")
+
+
+def extra_hints(text: str) -> tuple[Hint, ...]:
+    """`--extra-hint`: a set of EXTRA_HINTS by name, or one hint written KIND:LAYER:HEAD."""
+    if text in EXTRA_HINTS:
+        return EXTRA_HINTS[text]
+    kind, _, rest = text.partition(":")
+    layer, _, head = rest.partition(":")
+    try:
+        hint = Hint(int(layer), int(head), kind)
+    except ValueError:
+        hint = None
+    if hint is None or kind not in HINT_KINDS or hint.head < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a hint set ({', '.join(sorted(EXTRA_HINTS))}) nor KIND:LAYER:HEAD "
+            f"with KIND one of {', '.join(HINT_KINDS)} (for example chain:-1:6)"
+        )
+    return (hint,)
+
+
 def number_tokens(tokenizer) -> torch.Tensor:
     """A mask over the vocabulary: the tokens that start a number (a space and up to three digits)."""
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
@@ -835,6 +856,72 @@ def grow_layers(model, after: list[int]):
     return grown
 
 
+def _head_plan(heads: int, kv_heads: int, group: int | None, add_kv: int) -> list[tuple[int | None, list]]:
+    """The KV groups of a widened attention layer: for each new KV head, (the KV head it copies, or
+    None for a fresh one; the query heads it serves: an original head's index, or None for a fresh
+    one). `group` regroups the original heads so that each KV head serves `group` query heads (an
+    original group padded with fresh heads to a multiple of it); `add_kv` adds fresh KV heads, each
+    with as many fresh query heads as a group has."""
+    g = heads // kv_heads
+    size = group or g
+    plan: list[tuple[int | None, list]] = []
+    for kv in range(kv_heads):
+        members: list = list(range(kv * g, (kv + 1) * g))
+        members += [None] * (-len(members) % size)
+        plan += [(kv, members[i : i + size]) for i in range(0, len(members), size)]
+    return plan + [(None, [None] * size) for _ in range(add_kv)]
+
+
+def widen_heads(model, group: int | None = None, add_kv: int = 0, seed: int = 0):
+    """A copy of `model` with more attention heads that computes the same function (see
+    :func:`_head_plan` for where they go). Every original query head keeps its weights and reads a
+    copy of its KV head; a fresh query head has random query weights and a zero output projection, a
+    fresh KV head random key and value weights, so nothing changes until training moves them. More
+    KV heads give heads that shared keys and values their own, for circuits that need different ones."""
+    from transformers import LlamaForCausalLM
+
+    cfg = model.config
+    h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if group is not None and group < 1:
+        raise ValueError("the query heads per KV head must be at least 1")
+    if add_kv < 0:
+        raise ValueError("the KV heads to add cannot be negative")
+    plan = _head_plan(h, kv, group, add_kv)
+    q_src = [q for _, members in plan for q in members]
+    config = copy.deepcopy(cfg)
+    config.num_attention_heads, config.num_key_value_heads = len(q_src), len(plan)
+    config.head_dim = d
+    wide = LlamaForCausalLM._from_config(config, attn_implementation=cfg._attn_implementation)
+    wide.to(device=model.device, dtype=model.dtype)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rows(w, sources, fresh_std):  # stack head blocks of `w` (dim 0) in the order of `sources`
+        parts = [
+            w[s * d : (s + 1) * d] if s is not None else torch.randn(d, *w.shape[1:], generator=gen) * fresh_std
+            for s in sources
+        ]
+        return torch.cat([p.to(w) for p in parts])
+
+    std = cfg.initializer_range
+    state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
+    for i, layer in enumerate(model.model.layers):
+        a, pre = layer.self_attn, f"model.layers.{i}.self_attn."
+        kv_src = [k for k, _ in plan]
+        state[pre + "q_proj.weight"] = rows(a.q_proj.weight.detach(), q_src, std)
+        state[pre + "k_proj.weight"] = rows(a.k_proj.weight.detach(), kv_src, std)
+        state[pre + "v_proj.weight"] = rows(a.v_proj.weight.detach(), kv_src, std)
+        state[pre + "o_proj.weight"] = rows(a.o_proj.weight.detach().T, q_src, 0.0).T.contiguous()
+        for name, src in (("q_proj", q_src), ("k_proj", kv_src), ("v_proj", kv_src)):
+            bias = getattr(a, name).bias
+            if bias is not None:
+                state[pre + name + ".bias"] = rows(bias.detach()[:, None], src, 0.0)[:, 0]
+        if a.o_proj.bias is not None:
+            state[pre + "o_proj.bias"] = a.o_proj.bias.detach().clone()
+    wide.load_state_dict(state, strict=True)
+    wide.tie_weights()
+    return wide
+
+
 def _summary(record: dict) -> dict:
     keys = ("command", "steps", "train_tokens", "train_minutes", "final_eval", "lr")
     return {k: record[k] for k in keys if k in record}
@@ -903,9 +990,12 @@ def main(argv=None) -> None:
     p.add_argument(
         "--extra-hint",
         action="append",
-        choices=sorted(EXTRA_HINTS),
+        type=extra_hints,
         default=[],
-        help="with --attn-weight: add these hints to ATTENTION_HINTS (repeatable; see EXTRA_HINTS)",
+        metavar="NAME|KIND:LAYER:HEAD",
+        help=f"with --attn-weight: add these hints to ATTENTION_HINTS (repeatable): a set by name "
+        f"({', '.join(sorted(EXTRA_HINTS))}, see EXTRA_HINTS) or one hint on a head of your choice, as "
+        f"KIND:LAYER:HEAD (KIND one of {', '.join(HINT_KINDS)}; LAYER negative counts from the last)",
     )
     p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
     p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
@@ -938,9 +1028,24 @@ def main(argv=None) -> None:
         help="with --init: insert a new layer after each of these layers, computing nothing at first "
         "(a zero-output copy of the layer before it), to train a deeper model from a trained one",
     )
+    p.add_argument(
+        "--kv-group",
+        type=int,
+        metavar="G",
+        help="with --init: regroup the attention heads so that each KV head serves G query heads (fresh "
+        "query heads fill the groups), computing the same function at first",
+    )
+    p.add_argument(
+        "--add-kv-heads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --init: add N fresh KV heads per layer, each with a group of fresh query heads whose "
+        "output starts at zero",
+    )
     args = p.parse_args(argv)
-    if args.grow_after and not args.init:
-        p.error("--grow-after needs --init (the model to grow)")
+    if (args.grow_after or args.kv_group or args.add_kv_heads) and not args.init:
+        p.error("--grow-after, --kv-group and --add-kv-heads need --init (the model to change)")
     if args.extra_hint and args.attn_weight <= 0:
         p.error("--extra-hint needs --attn-weight (the hints' weight)")
     if not 0.0 <= args.curriculum_start < args.curriculum_end <= 1.0:
@@ -990,6 +1095,14 @@ def main(argv=None) -> None:
             except ValueError as e:
                 p.error(str(e))
             log(f"grown from {layers} to {model.config.num_hidden_layers} layers (new ones after {args.grow_after})")
+        if args.kv_group or args.add_kv_heads:
+            before = (model.config.num_attention_heads, model.config.num_key_value_heads)
+            try:
+                model = widen_heads(model, args.kv_group, args.add_kv_heads, args.seed)
+            except ValueError as e:
+                p.error(str(e))
+            after = (model.config.num_attention_heads, model.config.num_key_value_heads)
+            log(f"widened from {before[0]} query / {before[1]} KV heads per layer to {after[0]} / {after[1]}")
         config = model.config
         previous = Path(args.init) / "training.json"
         earlier = json.loads(previous.read_text()) if previous.exists() else {}
@@ -1018,7 +1131,7 @@ def main(argv=None) -> None:
     next_eval = args.eval_every * 60
     history = []
     ema = None
-    hint_list = list(ATTENTION_HINTS) + [h for name in args.extra_hint for h in EXTRA_HINTS[name]]
+    hint_list = list(ATTENTION_HINTS) + [h for hs in args.extra_hint for h in hs]
     try:
         hints = (
             AttentionHints(model, tokenizer, hint_list, copy_scale=args.copy_weight, words=args.hint_words)
@@ -1118,6 +1231,8 @@ def main(argv=None) -> None:
         "continued_from": earlier.get("command") if args.init else None,
         "earlier_runs": (earlier.get("earlier_runs", []) + [_summary(earlier)]) if args.init else [],
         "grow_after": args.grow_after,
+        "kv_group": args.kv_group,
+        "add_kv_heads": args.add_kv_heads,
         "curriculum_start": args.curriculum_start,
         "curriculum_end": args.curriculum_end,
         "first_stage": first,
