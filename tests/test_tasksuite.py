@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import types
 
@@ -256,6 +257,8 @@ def test_train_script_runs_end_to_end(tmp_path):
             "1",
             "--extra-hint",
             "prev3:1:2",
+            "--repeat-weight",
+            "1",
         ]
     )
     record2 = json.loads((out2 / "training.json").read_text())
@@ -265,7 +268,7 @@ def test_train_script_runs_end_to_end(tmp_path):
     assert record2["earlier_runs"][0]["steps"] == record["steps"] and record2["curriculum_from_train_minutes"] == 0
     assert "recall" not in record["task_weights"] and record["task_weights"]["copy"] == train.TASK_WEIGHTS["copy"]
     assert record2["task_weights"]["recall"] == 1.0 and "copy" not in record2["task_weights"]
-    assert record2["lm_weight"] == 0.5
+    assert record2["lm_weight"] == 0.5 and record2["repeat_weight"] == 1.0 and record["repeat_weight"] == 0.0
     assert record["attn_weight"] == 0.0 and record["attention_hints"] == [] and record["attention_on_targets"] == {}
     assert record2["attn_weight"] == 1.0 and [h["kind"] for h in record2["attention_hints"]] == [
         "prev",
@@ -332,6 +335,27 @@ def test_extra_hints_need_the_hint_weight_and_the_heads(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_repeat_loss_is_the_unlikelihood_of_the_items_already_said():
+    """At each new item of an answer, -log(1 - p(an item already said)), from the model's own logits
+    (here a stand-in whose hidden states are the logits)."""
+    from dynkv_cli.bench import train
+
+    items = torch.zeros(10, dtype=torch.bool)
+    items[5:] = True
+    x = torch.tensor([[1, 2, 3, 5, 6, 7, 2]])  # the answer: items 5, 6, 7, then a non-item
+    y = torch.tensor([[-100, -100, -100, 5, 6, 7, 2]])
+    logits = torch.full((1, 7, 10), -1e4)
+    logits[0, 3, [5, 0]] = 0.0  # predicting the second item: p(5) = 0.5
+    logits[0, 4, [5, 6, 1, 2]] = 0.0  # predicting the third: p(5) + p(6) = 0.5
+    logits[0, 4, 0] = math.log(4.0)  # ... now 2/8
+    model = types.SimpleNamespace(lm_head=lambda h: h)
+    loss = train.repeat_loss(model, logits, x, y, items)
+    torch.testing.assert_close(loss, torch.tensor((-math.log(0.5) - math.log(0.75)) / 2))
+    x2 = torch.tensor([[1, 2, 3, 5, 6, 5, 2]])  # an answer that names 5 twice is not pushed off it
+    assert train.said_targets(x2, torch.cat([y[:, :3], x2[:, 3:]], 1), items) == [(0, 3, [3])]
+    assert train.repeat_loss(model, logits, x, torch.full_like(y, -100), items) == 0
+
+
 def test_extra_hints_by_name_or_by_head():
     from dynkv_cli.bench import train
 
@@ -349,7 +373,8 @@ def test_widen_heads_keeps_the_function_then_trains_the_new_heads(tokenizer, gro
 
     model = _hinted_model(tokenizer, "eager")
     cfg = model.config
-    cfg.num_attention_heads, cfg.head_dim = 6, 16  # 6 query heads of 16 over 2 KV heads: groups of 3
+    # 6 query heads of 16 over 2 KV heads (groups of 3); 144 is a multiple of 6, 8 and 9 heads
+    cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size = 6, 16, 144
     model = type(model)._from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -382,6 +407,9 @@ def test_widen_heads_keeps_the_function_then_trains_the_new_heads(tokenizer, gro
     for bad in ((0, 0), (None, -1)):
         with pytest.raises(ValueError):
             train.widen_heads(model, *bad)
+    model.config.hidden_size = 100  # 8 or 9 query heads do not divide it: no config transformers saves
+    with pytest.raises(ValueError, match="do not divide the hidden size"):
+        train.widen_heads(model, group, add)
 
 
 class _Shift(torch.nn.Module):

@@ -311,9 +311,10 @@ def make_batch(
     return input_ids, labels, pos
 
 
-def answer_loss(model, input_ids, labels, pos, lm_weight: float = 0.0):
+def answer_loss(model, input_ids, labels, pos, lm_weight: float = 0.0, repeats=None):
     """(loss to train on, answer loss): the cross-entropy of the answer tokens, plus `lm_weight`
-    times that of every other next token (the documents and questions, padding excluded)."""
+    times that of every other next token (the documents and questions, padding excluded), plus,
+    with `repeats` = (weight, item mask), that weight times :func:`repeat_loss`."""
     # An explicit mask: without one, transformers reads a jump in position_ids as the start of a
     # new packed sequence and blocks attention across it, which would cut PoSE sequences in two.
     mask = torch.ones_like(input_ids)
@@ -322,12 +323,31 @@ def answer_loss(model, input_ids, labels, pos, lm_weight: float = 0.0):
     tgt = labels[:, 1:]
     m = tgt != -100
     loss = torch.nn.functional.cross_entropy(model.lm_head(h[m]).float(), tgt[m])
-    if lm_weight <= 0:
-        return loss, loss
-    nxt = input_ids[:, 1:]
-    rest = ~m & (nxt != model.config.pad_token_id)
-    lm = torch.nn.functional.cross_entropy(model.lm_head(h[rest]).float(), nxt[rest])
-    return loss + lm_weight * lm, loss
+    total = loss
+    if lm_weight > 0:
+        nxt = input_ids[:, 1:]
+        rest = ~m & (nxt != model.config.pad_token_id)
+        total = total + lm_weight * torch.nn.functional.cross_entropy(model.lm_head(h[rest]).float(), nxt[rest])
+    if repeats is not None and repeats[0] > 0:
+        total = total + repeats[0] * repeat_loss(model, out.last_hidden_state, input_ids, labels, repeats[1])
+    return total, loss
+
+
+def repeat_loss(model, hidden, input_ids, labels, items) -> torch.Tensor:
+    """Unlikelihood of repeating an item (--repeat-weight): where an answer's next item starts
+    (:func:`said_targets`: never where the right item repeats one), the mean of -log(1 - p(any item
+    the answer has already said)). The lists' commonest error is naming their first item again."""
+    targets = said_targets(input_ids, labels, items)
+    if not targets:
+        return hidden.new_zeros(())
+    rows = torch.tensor([b for b, _, _ in targets], device=hidden.device)
+    at = torch.tensor([t for _, t, _ in targets], device=hidden.device)
+    logp = torch.log_softmax(model.lm_head(hidden[rows, at]).float(), -1)
+    said = torch.zeros_like(logp, dtype=torch.bool)
+    for i, (b, _, sources) in enumerate(targets):
+        said[i, input_ids[b, sources]] = True
+    p = torch.logsumexp(logp.masked_fill(~said, float("-inf")), 1).exp().clamp(max=1 - 1e-6)
+    return -torch.log1p(-p).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -888,6 +908,11 @@ def widen_heads(model, group: int | None = None, add_kv: int = 0, seed: int = 0)
         raise ValueError("the KV heads to add cannot be negative")
     plan = _head_plan(h, kv, group, add_kv)
     q_src = [q for _, members in plan for q in members]
+    if cfg.hidden_size % len(q_src):  # transformers refuses to save such a config
+        raise ValueError(
+            f"{len(q_src)} query heads per layer do not divide the hidden size {cfg.hidden_size}: "
+            "choose another --kv-group or --add-kv-heads"
+        )
     config = copy.deepcopy(cfg)
     config.num_attention_heads, config.num_key_value_heads = len(q_src), len(plan)
     config.head_dim = d
@@ -996,6 +1021,12 @@ def main(argv=None) -> None:
         help=f"with --attn-weight: add these hints to ATTENTION_HINTS (repeatable): a set by name "
         f"({', '.join(sorted(EXTRA_HINTS))}, see EXTRA_HINTS) or one hint on a head of your choice, as "
         f"KIND:LAYER:HEAD (KIND one of {', '.join(HINT_KINDS)}; LAYER negative counts from the last)",
+    )
+    p.add_argument(
+        "--repeat-weight",
+        type=float,
+        default=0.0,
+        help="also train the answers' lists not to name an item twice (an unlikelihood term), at this weight",
     )
     p.add_argument("--warm-loss", type=float, default=0.5, help="answer loss that ends the copying stage")
     p.add_argument("--lookup-loss", type=float, default=0.3, help="answer loss that ends the short-lookup stage")
@@ -1141,6 +1172,7 @@ def main(argv=None) -> None:
     except ValueError as e:
         p.error(str(e))
     hinted: dict[str, float] = {}  # EMA of each hint's attention on its targets
+    repeats = (args.repeat_weight, item_tokens(tokenizer)) if args.repeat_weight > 0 else None
 
     def rounded(d: dict[str, float]) -> dict[str, float]:
         return {k: round(v, 3) for k, v in d.items()}
@@ -1179,7 +1211,7 @@ def main(argv=None) -> None:
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t_train / budget)))
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, ans_loss = answer_loss(model, x, y, pos, args.lm_weight)
+        loss, ans_loss = answer_loss(model, x, y, pos, args.lm_weight, repeats)
         if hints is not None:
             hint_loss, on_target = hints.loss(x, y)
             loss = loss + args.attn_weight * hint_loss
@@ -1257,6 +1289,7 @@ def main(argv=None) -> None:
         "task_weights": weights,
         "lr": args.lr,
         "lm_weight": args.lm_weight,
+        "repeat_weight": args.repeat_weight,
         "attn_weight": args.attn_weight,
         "attention_hints": [h._asdict() for h in hint_list] if hints else [],
         "copy_weight": args.copy_weight if hints else None,
