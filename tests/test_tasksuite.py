@@ -214,6 +214,7 @@ def test_train_script_runs_end_to_end(tmp_path):
     train.main(args)
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] >= 1 and set(record["final_eval"]["128"]) == {*TASKS, "average"}
+    assert set(record["final_eval_repeats"]["128"]) == set(train.LIST_TASKS)
     assert record["curriculum"][0]["tasks"] == "all" and record["first_stage"] == "copy"
     copy, lookup = record["pre_stages"]
     assert copy["tasks"] == ["copy"] and "niah_multikey" in lookup["tasks"]
@@ -354,6 +355,13 @@ def test_repeat_loss_is_the_unlikelihood_of_the_items_already_said():
     x2 = torch.tensor([[1, 2, 3, 5, 6, 5, 2]])  # an answer that names 5 twice is not pushed off it
     assert train.said_targets(x2, torch.cat([y[:, :3], x2[:, 3:]], 1), items) == [(0, 3, [3])]
     assert train.repeat_loss(model, logits, x, torch.full_like(y, -100), items) == 0
+
+
+def test_repeats_an_item_reads_the_first_line_of_a_list():
+    from dynkv_cli.bench import train
+
+    assert train.repeats_an_item("182319, 182319, 766350") and train.repeats_an_item("nasex nasex basel")
+    assert not train.repeats_an_item("182319, 284155") and not train.repeats_an_item("TUKI VETU\nTUKI")
 
 
 def test_extra_hints_by_name_or_by_head():

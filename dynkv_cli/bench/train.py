@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -673,14 +674,26 @@ class AttentionHints:
 # Evaluation (plain transformers, full KV, greedy)
 
 
+LIST_TASKS = ("niah_multivalue", "vt", "aggregation")  # answers that are lists of one-word items
+
+
+def repeats_an_item(prediction: str) -> bool:
+    """Whether a list answer (LIST_TASKS) names one item twice: its first line's words, split at
+    spaces and commas."""
+    items = [w for w in re.split(r"[,\s]+", prediction.split("\n")[0]) if w]
+    return len(items) != len(set(items))
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, lengths, n, seed, device, tasks=None, predictions=None):
+def evaluate(model, tokenizer, lengths, n, seed, device, tasks=None, predictions=None, repeats=None):
+    """Full-KV greedy accuracy per length and task (and the average); with `repeats` (a dict), also
+    the fraction of the LIST_TASKS' answers that name an item twice, per length and task."""
     model.eval()
     results: dict[str, dict[str, float]] = {}
     for length in lengths:
         row: dict[str, float] = {}
         for task in tasks or list(TASKS):
-            scores = []
+            scores, repeated = [], []
             for ex in make_suite([task], length, n, seed, "eval", tokenizer):
                 ids, ans = encode_example(ex, tokenizer)
                 x = torch.tensor([ids], device=device)
@@ -694,6 +707,7 @@ def evaluate(model, tokenizer, lengths, n, seed, device, tasks=None, predictions
                 )
                 pred = tokenizer.decode(gen[0, len(ids) :], skip_special_tokens=True).strip()
                 scores.append(score(ex, pred))
+                repeated.append(repeats_an_item(pred))
                 if predictions is not None:
                     predictions.append(
                         {
@@ -706,6 +720,8 @@ def evaluate(model, tokenizer, lengths, n, seed, device, tasks=None, predictions
                         }
                     )
             row[task] = round(sum(scores) / len(scores), 4)
+            if repeats is not None and task in LIST_TASKS:
+                repeats.setdefault(str(length), {})[task] = round(sum(repeated) / len(repeated), 4)
         row["average"] = round(sum(row[t] for t in row) / len(row), 4)
         results[str(length)] = row
     model.train()
@@ -1101,8 +1117,12 @@ def main(argv=None) -> None:
             return
         t0 = time.time()
         preds: list[dict] = []
-        res = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
-        log("eval-only:\n" + fmt(res))
+        repeated: dict[str, dict[str, float]] = {}
+        res = evaluate(
+            model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds, repeats=repeated
+        )
+        log("eval-only:\n" + fmt(res) + "\n  list answers that name an item twice:\n" + fmt(repeated))
+        record.setdefault("final_eval_repeats", {}).update(repeated)
         if args.token_accuracy:
             per_token = {
                 str(n): answer_token_accuracy(model, tokenizer, n, args.n_eval, args.seed, device) for n in args.lengths
@@ -1248,8 +1268,11 @@ def main(argv=None) -> None:
         hints.remove()
     t1 = time.time()
     preds: list[dict] = []
-    final = evaluate(model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds)
-    log("final eval (full KV, greedy):\n" + fmt(final))
+    repeated = {}
+    final = evaluate(
+        model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds, repeats=repeated
+    )
+    log("final eval (full KV, greedy):\n" + fmt(final) + "\n  list answers that name an item twice:\n" + fmt(repeated))
     bound = _binding_record(model, tokenizer, args, device)
     record = {
         "command": command,
@@ -1303,6 +1326,7 @@ def main(argv=None) -> None:
         "history": history,
         "final_eval": final,
         "final_eval_examples_per_task": {str(n): args.n_eval for n in args.lengths},
+        "final_eval_repeats": repeated,
         "final_eval_seed": args.seed,
         "final_eval_predictions_sample": preds[:: max(1, len(preds) // 40)],
         "binding": bound,
