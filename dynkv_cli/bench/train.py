@@ -943,11 +943,10 @@ def widen_heads(model, group: int | None = None, add_kv: int = 0, seed: int = 0)
         ]
         return torch.cat([p.to(w) for p in parts])
 
-    std = cfg.initializer_range
+    std, kv_src = cfg.initializer_range, [k for k, _ in plan]
     state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
     for i, layer in enumerate(model.model.layers):
         a, pre = layer.self_attn, f"model.layers.{i}.self_attn."
-        kv_src = [k for k, _ in plan]
         state[pre + "q_proj.weight"] = rows(a.q_proj.weight.detach(), q_src, std)
         state[pre + "k_proj.weight"] = rows(a.k_proj.weight.detach(), kv_src, std)
         state[pre + "v_proj.weight"] = rows(a.v_proj.weight.detach(), kv_src, std)
