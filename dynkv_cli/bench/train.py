@@ -343,12 +343,16 @@ def repeat_loss(model, hidden, input_ids, labels, items) -> torch.Tensor:
         return hidden.new_zeros(())
     rows = torch.tensor([b for b, _, _ in targets], device=hidden.device)
     at = torch.tensor([t for _, t, _ in targets], device=hidden.device)
-    logp = torch.log_softmax(model.lm_head(hidden[rows, at]).float(), -1)
-    said = torch.zeros_like(logp, dtype=torch.bool)
+    p = log_p_said(model.lm_head(hidden[rows, at]).float(), input_ids, targets).exp().clamp(max=1 - 1e-6)
+    return -torch.log1p(-p).mean()
+
+
+def log_p_said(logits, input_ids, targets) -> torch.Tensor:
+    """Per target of :func:`said_targets` (one row of `logits` each): log p(any item already said)."""
+    said = torch.zeros_like(logits, dtype=torch.bool)
     for i, (b, _, sources) in enumerate(targets):
         said[i, input_ids[b, sources]] = True
-    p = torch.logsumexp(logp.masked_fill(~said, float("-inf")), 1).exp().clamp(max=1 - 1e-6)
-    return -torch.log1p(-p).mean()
+    return torch.logsumexp(logits.masked_fill(~said, float("-inf")), 1) - torch.logsumexp(logits, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,10 +621,7 @@ class AttentionHints:
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.final_norm
         logits = out @ self.unembed.T
         if hint.kind == "said":  # pushed down
-            said = torch.zeros_like(logits, dtype=torch.bool)
-            for i, (b, _, sources) in enumerate(targets):
-                said[i, input_ids[b, sources]] = True
-            read = torch.logsumexp(logits.masked_fill(~said, float("-inf")), 1) - torch.logsumexp(logits, 1)
+            read = log_p_said(logits, input_ids, targets)
         else:  # what it reads there names the answer
             read = torch.nn.functional.cross_entropy(logits, input_ids[rows, at + 1], reduction="none")
         return look.mean(), read.mean()
@@ -922,6 +923,8 @@ def widen_heads(model, group: int | None = None, add_kv: int = 0, seed: int = 0)
         raise ValueError("the query heads per KV head must be at least 1")
     if add_kv < 0:
         raise ValueError("the KV heads to add cannot be negative")
+    if getattr(cfg, "attention_bias", False):
+        raise ValueError("widening attention with biases is not supported")
     plan = _head_plan(h, kv, group, add_kv)
     q_src = [q for _, members in plan for q in members]
     if cfg.hidden_size % len(q_src):  # transformers refuses to save such a config
@@ -931,7 +934,6 @@ def widen_heads(model, group: int | None = None, add_kv: int = 0, seed: int = 0)
         )
     config = copy.deepcopy(cfg)
     config.num_attention_heads, config.num_key_value_heads = len(q_src), len(plan)
-    config.head_dim = d
     wide = LlamaForCausalLM._from_config(config, attn_implementation=cfg._attn_implementation)
     wide.to(device=model.device, dtype=model.dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -951,15 +953,19 @@ def widen_heads(model, group: int | None = None, add_kv: int = 0, seed: int = 0)
         state[pre + "k_proj.weight"] = rows(a.k_proj.weight.detach(), kv_src, std)
         state[pre + "v_proj.weight"] = rows(a.v_proj.weight.detach(), kv_src, std)
         state[pre + "o_proj.weight"] = rows(a.o_proj.weight.detach().T, q_src, 0.0).T.contiguous()
-        for name, src in (("q_proj", q_src), ("k_proj", kv_src), ("v_proj", kv_src)):
-            bias = getattr(a, name).bias
-            if bias is not None:
-                state[pre + name + ".bias"] = rows(bias.detach()[:, None], src, 0.0)[:, 0]
-        if a.o_proj.bias is not None:
-            state[pre + "o_proj.bias"] = a.o_proj.bias.detach().clone()
     wide.load_state_dict(state, strict=True)
     wide.tie_weights()
     return wide
+
+
+def _final_eval(title: str, model, tokenizer, args, device, predictions: list):
+    """The evaluation at --lengths with --n-eval examples, logged: (accuracy, repeated list items)."""
+    repeated: dict[str, dict[str, float]] = {}
+    res = evaluate(
+        model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=predictions, repeats=repeated
+    )
+    log(f"{title}:\n" + fmt(res) + "\n  list answers that name an item twice:\n" + fmt(repeated))
+    return res, repeated
 
 
 def _summary(record: dict) -> dict:
@@ -1116,11 +1122,7 @@ def main(argv=None) -> None:
             return
         t0 = time.time()
         preds: list[dict] = []
-        repeated: dict[str, dict[str, float]] = {}
-        res = evaluate(
-            model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds, repeats=repeated
-        )
-        log("eval-only:\n" + fmt(res) + "\n  list answers that name an item twice:\n" + fmt(repeated))
+        res, repeated = _final_eval("eval-only", model, tokenizer, args, device, preds)
         record.setdefault("final_eval_repeats", {}).update(repeated)
         if args.token_accuracy:
             per_token = {
@@ -1267,11 +1269,7 @@ def main(argv=None) -> None:
         hints.remove()
     t1 = time.time()
     preds: list[dict] = []
-    repeated = {}
-    final = evaluate(
-        model, tokenizer, args.lengths, args.n_eval, args.seed, device, predictions=preds, repeats=repeated
-    )
-    log("final eval (full KV, greedy):\n" + fmt(final) + "\n  list answers that name an item twice:\n" + fmt(repeated))
+    final, repeated = _final_eval("final eval (full KV, greedy)", model, tokenizer, args, device, preds)
     bound = _binding_record(model, tokenizer, args, device)
     record = {
         "command": command,
