@@ -260,15 +260,22 @@ def test_train_script_runs_end_to_end(tmp_path):
             "prev3:1:2",
             "--repeat-weight",
             "1",
+            "--batch-tokens",
+            "256",
+            "--widen",
+            "48",
+            "80",
         ]
     )
     record2 = json.loads((out2 / "training.json").read_text())
     config2 = LlamaForCausalLM.from_pretrained(out2).config
     assert record2["grow_after"] == [0] and config2.num_hidden_layers == 2
     assert record2["add_kv_heads"] == 1 and (config2.num_attention_heads, config2.num_key_value_heads) == (4, 2)
+    assert record2["widen"] == [48, 80] and (config2.hidden_size, config2.intermediate_size) == (48, 80)
     assert record2["earlier_runs"][0]["steps"] == record["steps"] and record2["curriculum_from_train_minutes"] == 0
     assert "recall" not in record["task_weights"] and record["task_weights"]["copy"] == train.TASK_WEIGHTS["copy"]
     assert record2["task_weights"]["recall"] == 1.0 and "copy" not in record2["task_weights"]
+    assert record["curriculum_batch_tokens"] is None and record2["curriculum_batch_tokens"] == 256
     assert record2["lm_weight"] == 0.5 and record2["repeat_weight"] == 1.0 and record["repeat_weight"] == 0.0
     assert record["attn_weight"] == 0.0 and record["attention_hints"] == [] and record["attention_on_targets"] == {}
     assert record2["attn_weight"] == 1.0 and [h["kind"] for h in record2["attention_hints"]] == [
@@ -303,7 +310,16 @@ def test_curriculum_end_keeps_a_run_in_the_short_stages(tmp_path):
         assert train.stage(train.curriculum_fraction(0.0, 0.3, rest))[0] == first_lengths
     assert train.stage(train.curriculum_fraction(0.0, 1.0, 0.999))[0] == train.STAGES[-1][1]
     assert train.curriculum_fraction(0.3, 1.0, 0.5) == pytest.approx(0.65)
-    for bad in (["--curriculum-end", "0"], ["--curriculum-start", "0.5", "--curriculum-end", "0.4"]):
+    # --batch-tokens replaces every stage's batch size and nothing else
+    for frac in (0.0, 0.5, 0.999):
+        own = train.stage(frac)
+        assert own[1] == 8192 and train.stage(frac, 2048) == (own[0], 2048, *own[2:])
+    bad_args = (
+        ["--curriculum-end", "0"],
+        ["--curriculum-start", "0.5", "--curriculum-end", "0.4"],
+        ["--batch-tokens", "0"],
+    )
+    for bad in bad_args:
         with pytest.raises(SystemExit):
             train.main(["--out", str(tmp_path / "m"), *bad])
     assert not (tmp_path / "m").exists()
@@ -700,6 +716,42 @@ def test_grow_layers_keeps_the_function_then_trains_the_new_layers(tokenizer):
     assert all(new[i].self_attn.o_proj.weight.any() and new[i].mlp.down_proj.weight.any() for i in (1, 3, 4))
     with pytest.raises(ValueError, match="layer 2 does not exist"):
         train.grow_layers(model, [2])
+
+
+def test_widen_hidden_keeps_the_function_then_trains_the_new_dimensions(tokenizer):
+    """A wider residual stream and MLP, same function: the old weights sit in the corner of the new
+    ones, whatever writes to a new dimension starts at zero (so the norms, rescaled, see the same RMS),
+    and training puts something in the new dimensions and the new MLP units (the last layer's writers
+    after two steps: their only reader, the tied head, is zero until the first step moves it)."""
+    from dynkv_cli.bench import train
+
+    model = _hinted_model(tokenizer).eval()  # hidden 64 (4 heads of 16), MLP 64
+    with torch.no_grad():  # random norms and weights: a mistake in the corners would show
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    wide = train.widen_hidden(model, 96, 80).eval()
+    assert (wide.config.hidden_size, wide.config.intermediate_size, wide.config.head_dim) == (96, 80, 16)
+    x = torch.randint(0, len(tokenizer), (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x).logits, model(x).logits, rtol=0, atol=1e-4)
+    old, new = model.model.layers[1], wide.model.layers[1]
+    assert torch.equal(new.self_attn.q_proj.weight[:, :64], old.self_attn.q_proj.weight)
+    assert torch.equal(new.mlp.down_proj.weight[:64, :64], old.mlp.down_proj.weight)
+    writers = (new.self_attn.o_proj.weight[64:], new.mlp.down_proj.weight[64:], new.mlp.down_proj.weight[:, 64:])
+    assert not any(w.any() for w in writers) and not wide.model.embed_tokens.weight[:, 64:].any()
+    assert new.self_attn.k_proj.weight[:, 64:].any() and new.mlp.up_proj.weight[64:].any()  # readers: random
+    assert wide.lm_head.weight.data_ptr() == wide.model.embed_tokens.weight.data_ptr()  # still tied
+    wide.train()
+    opt = torch.optim.SGD(wide.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        wide(x, labels=x).loss.backward()
+        opt.step()
+    assert all(w.any() for w in writers) and wide.model.embed_tokens.weight[:, 64:].any()
+    with pytest.raises(ValueError, match="can only grow"):
+        train.widen_hidden(model, 48, 80)
+    with pytest.raises(ValueError, match="not a multiple of the 4 attention heads"):
+        train.widen_hidden(model, 98, 80)
 
 
 def _train_on_hints(model, hints, tokenizer, task: str, steps: int = 40):

@@ -260,12 +260,11 @@ def curriculum_fraction(start: float, end: float, rest: float) -> float:
     return start + (end - start) * rest
 
 
-def stage(frac: float):
-    """(lengths, batch tokens, PoSE probability, tasks or None for all) at this fraction of the time."""
-    for end, *rest in STAGES:
-        if frac < end:
-            return rest
-    return STAGES[-1][1:]
+def stage(frac: float, batch_tokens: int | None = None):
+    """(lengths, batch tokens, PoSE probability, tasks or None for all) at this fraction of the time;
+    `batch_tokens` (--batch-tokens) replaces the stage's own."""
+    lengths, own, pose, tasks = next((rest for end, *rest in STAGES if frac < end), STAGES[-1][1:])
+    return lengths, batch_tokens or own, pose, tasks
 
 
 def make_batch(
@@ -958,6 +957,67 @@ def widen_heads(model, group: int | None = None, add_kv: int = 0, seed: int = 0)
     return wide
 
 
+def widen_hidden(model, hidden: int, intermediate: int, seed: int = 0):
+    """A copy of `model` with a wider residual stream (`hidden`) and MLP (`intermediate`) that computes
+    the same function. The new residual dimensions start at zero: every matrix that writes to them
+    (the tied embedding, the attention output and MLP down projections) has zero rows there, and every
+    matrix that reads them random columns, so they are trained from the first step. The norms' weights
+    are scaled by sqrt(old / new hidden) and their epsilon by old / new hidden, which cancels the extra
+    zero dimensions in the RMS. New MLP
+    units have random input weights and a zero output. The attention heads keep their number and
+    size (`head_dim` is explicit)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = model.config
+    h0, i0 = cfg.hidden_size, cfg.intermediate_size
+    if hidden < h0 or intermediate < i0:
+        raise ValueError(f"--widen can only grow the model (it is {h0} wide, its MLP {i0})")
+    if hidden % cfg.num_attention_heads:  # transformers refuses to save such a config
+        raise ValueError(f"the hidden size {hidden} is not a multiple of the {cfg.num_attention_heads} attention heads")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise ValueError("widening a model with biases is not supported")
+    config = copy.deepcopy(cfg)
+    config.hidden_size, config.intermediate_size = hidden, intermediate
+    config.rms_norm_eps = cfg.rms_norm_eps * h0 / hidden  # so that the RMS scales exactly, eps included
+    wide = LlamaForCausalLM._from_config(config, attn_implementation=cfg._attn_implementation)
+    wide.to(device=model.device, dtype=model.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    std, scale = cfg.initializer_range, math.sqrt(h0 / hidden)
+
+    def grow(w, rows: int, cols: int, fresh_rows: float, fresh_cols: float):
+        """`w` in the top-left corner of a rows x cols matrix; new columns (of old rows) drawn with
+        std `fresh_cols`, new rows with std `fresh_rows` (0: zeros)."""
+        out = torch.zeros(rows, cols, dtype=w.dtype)
+        out[: w.shape[0], : w.shape[1]] = w
+        out[: w.shape[0], w.shape[1] :] = torch.randn(w.shape[0], cols - w.shape[1], generator=gen) * fresh_cols
+        out[w.shape[0] :] = torch.randn(rows - w.shape[0], cols, generator=gen) * fresh_rows
+        return out.to(w.device)
+
+    def norm(w):
+        return torch.cat(
+            [w * scale, torch.full((hidden - h0,), float(w.mean()) * scale, dtype=w.dtype, device=w.device)]
+        )
+
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        if k.endswith("norm.weight"):
+            state[k] = norm(v)
+        elif k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            state[k] = grow(v, v.shape[0], hidden, 0.0, std)  # they read the residual stream
+        elif k.endswith(("o_proj.weight", "down_proj.weight")):
+            state[k] = grow(v, hidden, v.shape[1] if "o_proj" in k else intermediate, 0.0, 0.0)
+        elif k.endswith(("gate_proj.weight", "up_proj.weight")):
+            state[k] = grow(v, intermediate, hidden, std, std)
+        elif k in ("model.embed_tokens.weight", "lm_head.weight"):
+            state[k] = grow(v, v.shape[0], hidden, 0.0, 0.0)  # tied: written as zeros, read as zeros
+        else:
+            raise ValueError(f"widening does not know the weight {k}")
+    wide.load_state_dict(state, strict=True)
+    wide.tie_weights()
+    return wide
+
+
 def _final_eval(title: str, model, tokenizer, args, device, predictions: list):
     """The evaluation at --lengths with --n-eval examples, logged: (accuracy, repeated list items)."""
     repeated: dict[str, dict[str, float]] = {}
@@ -1057,6 +1117,12 @@ def main(argv=None) -> None:
         metavar="NAME=W",
         help="change a task's share of the curriculum's mix (repeatable; recall joins only this way)",
     )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        metavar="N",
+        help="tokens per batch in the curriculum's stages, instead of theirs (smaller: more steps per minute)",
+    )
     p.add_argument("--init", help="continue from the model and tokenizer in this folder (a fresh optimizer)")
     p.add_argument(
         "--first-stage",
@@ -1095,11 +1161,21 @@ def main(argv=None) -> None:
         help="with --init: add N fresh KV heads per layer, each with a group of fresh query heads whose "
         "output starts at zero",
     )
+    p.add_argument(
+        "--widen",
+        type=int,
+        nargs=2,
+        metavar=("HIDDEN", "INTERMEDIATE"),
+        help="with --init: widen the residual stream and the MLP to these sizes, computing the same "
+        "function at first (the new dimensions start at zero)",
+    )
     args = p.parse_args(argv)
-    if (args.grow_after or args.kv_group or args.add_kv_heads) and not args.init:
-        p.error("--grow-after, --kv-group and --add-kv-heads need --init (the model to change)")
+    if (args.grow_after or args.kv_group or args.add_kv_heads or args.widen) and not args.init:
+        p.error("--grow-after, --kv-group, --add-kv-heads and --widen need --init (the model to change)")
     if args.extra_hint and args.attn_weight <= 0:
         p.error("--extra-hint needs --attn-weight (the hints' weight)")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        p.error("--batch-tokens needs a positive number of tokens")
     if not 0.0 <= args.curriculum_start < args.curriculum_end <= 1.0:
         p.error("--curriculum-start and --curriculum-end need 0 <= start < end <= 1")
     weights = task_weights(args.task_weight)
@@ -1147,6 +1223,13 @@ def main(argv=None) -> None:
             except ValueError as e:
                 p.error(str(e))
             log(f"grown from {layers} to {model.config.num_hidden_layers} layers (new ones after {args.grow_after})")
+        if args.widen:
+            before = (model.config.hidden_size, model.config.intermediate_size)
+            try:
+                model = widen_hidden(model, *args.widen, seed=args.seed)
+            except ValueError as e:
+                p.error(str(e))
+            log(f"widened from hidden {before[0]} / MLP {before[1]} to {args.widen[0]} / {args.widen[1]}")
         if args.kv_group or args.add_kv_heads:
             before = (model.config.num_attention_heads, model.config.num_key_value_heads)
             try:
@@ -1224,7 +1307,7 @@ def main(argv=None) -> None:
                 curriculum_from = t_train
             rest = (t_train - curriculum_from) / max(1e-9, budget - curriculum_from)
             frac = curriculum_fraction(args.curriculum_start, args.curriculum_end, rest)
-            lengths, batch_tokens, pose, tasks = stage(frac)
+            lengths, batch_tokens, pose, tasks = stage(frac, args.batch_tokens)
         stage_steps += 1
         length = rng.choice(lengths)
         x, y, pos = make_batch(rng, counter, length, batch_tokens, tokenizer, args.seed, pose, tasks, weights)
@@ -1285,6 +1368,7 @@ def main(argv=None) -> None:
         "grow_after": args.grow_after,
         "kv_group": args.kv_group,
         "add_kv_heads": args.add_kv_heads,
+        "widen": args.widen,
         "curriculum_start": args.curriculum_start,
         "curriculum_end": args.curriculum_end,
         "first_stage": first,
@@ -1305,6 +1389,7 @@ def main(argv=None) -> None:
             {"until_fraction": e, "lengths": ls, "batch_tokens": bt, "pose_probability": pp, "tasks": ts or "all"}
             for e, ls, bt, pp, ts in STAGES
         ],
+        "curriculum_batch_tokens": args.batch_tokens,
         "pose_max_position": MAX_POS,
         "task_weights": weights,
         "lr": args.lr,
