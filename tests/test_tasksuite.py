@@ -302,6 +302,34 @@ def test_task_weights_change_the_mix(tokenizer):
             train.task_weights(bad)
 
 
+def test_chains_sequences_ask_every_chain_in_the_suites_vt_format(tokenizer):
+    """The training-only chains task: its lines are the suite's vt assignments, each chain in order;
+    every question is vt's and its labelled answer is that chain, first variable first."""
+    import random
+
+    from dynkv_cli.bench import train
+
+    assert "chains" not in train.TASK_WEIGHTS  # joins the mix only when given a weight
+    for n in (96, 512):
+        for seed in range(5):
+            ids, labels = train.chains_sequence(random.Random(seed), n, tokenizer)
+            assert len(ids) == len(labels) and len(ids) <= n + 40
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            doc, *qas = text.split("\nWhich variables are assigned the value ")
+            value_of = dict(re.findall(r"VAR (\w+) = (\d+)\.", doc))
+            source = dict(re.findall(r"VAR (\w+) = VAR (\w+)\.", doc))
+            assert qas and len(value_of) >= 2 and set(source.values()) <= set(value_of) | set(source)
+            answers = tokenizer.decode([t for t in labels if t != -100]).split(tokenizer.eos_token)
+            for qa, labelled in zip(qas, answers, strict=False):
+                value, answer = re.fullmatch(r"(\d+)\?\nAnswer: (.*)", qa.strip(), re.S).groups()
+                chain = labelled.split()
+                assert answer.split() == chain and value_of[chain[0]] == value
+                assert all(source[b] == a for a, b in zip(chain, chain[1:]))  # each assigned from the one before
+                assert doc.index(f"VAR {chain[0]} =") <= doc.index(f"VAR {chain[-1]} =")
+            if n == 96:
+                assert len(value_of) <= 2
+
+
 def test_curriculum_end_keeps_a_run_in_the_short_stages(tmp_path):
     from dynkv_cli.bench import train
 

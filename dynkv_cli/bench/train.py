@@ -179,6 +179,36 @@ def recall_sequence(rng: random.Random, n_tokens: int, tokenizer):
     return ids, labels
 
 
+def chains_sequence(rng: random.Random, n_tokens: int, tokenizer):
+    """A training-only task (not in the suite): variable tracking without the haystack and with more
+    chains. 2-12 chains (fewer in short sequences) of 1-4 assignments (` VAR A = 12345.`, ` VAR B =
+    VAR A.`, each chain in order, the chains interleaved), then the suite's vt question for each
+    chain in a random order, as many as fit in `n_tokens` (at least one). With two chains a model can
+    score half of vt by picking either; here the value must be matched among several, and every
+    question asks for it again."""
+    from dynkv_cli.bench import tasks as T
+
+    be = tokenizer.backend_tokenizer
+    lens = [rng.randint(1, 4) for _ in range(rng.randint(2, max(2, min(12, n_tokens // 45))))]
+    names = iter(rng.sample(T.VARS, sum(lens)))
+    used: set[str] = set()
+    chains = [(T._number(rng, 5, used), [next(names) for _ in range(k)]) for k in lens]
+    pending = [[f" VAR {c[0]} = {v}."] + [f" VAR {b} = VAR {a}." for a, b in zip(c, c[1:])] for v, c in chains]
+    lines = []
+    while any(pending):  # a random interleaving that keeps each chain's order
+        lines.append(rng.choice([p for p in pending if p]).pop(0))
+    ids = be.encode("".join(lines).lstrip(" ")).ids
+    labels = [-100] * len(ids)
+    for i, (v, c) in enumerate(rng.sample(chains, len(chains))):
+        q = be.encode(suffix_text(f"Which variables are assigned the value {v}?"), add_special_tokens=False).ids
+        a = be.encode(" " + " ".join(c), add_special_tokens=False).ids + [tokenizer.eos_token_id]
+        if i and len(ids) + len(q) + len(a) > n_tokens:
+            break
+        ids += q + a
+        labels += [-100] * len(q) + a
+    return ids, labels
+
+
 # task mix (documents per task): the tasks with extra questions already give more answers per document
 TASK_WEIGHTS = {
     "niah_single": 1.0,
@@ -191,9 +221,9 @@ TASK_WEIGHTS = {
     "fact_end": 0.8,
     "copy": 0.3,  # the warm-up copying task (copy_sequence), kept in the mix at a low weight
 }
-# the training-only tasks (not in the suite); those not in TASK_WEIGHTS (recall) join the mix only
-# when given a weight (--task-weight recall=0.4)
-_TRAINING_ONLY = {"copy": copy_sequence, "recall": recall_sequence}
+# the training-only tasks (not in the suite); those not in TASK_WEIGHTS (recall, chains) join the mix
+# only when given a weight (--task-weight recall=0.4)
+_TRAINING_ONLY = {"copy": copy_sequence, "recall": recall_sequence, "chains": chains_sequence}
 
 
 def task_weights(overrides: list[str] | None) -> dict[str, float]:
