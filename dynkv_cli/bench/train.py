@@ -11,6 +11,9 @@ where three chosen heads attend, see ATTENTION_HINTS). Lengths follow a curricul
 is shifted by a random gap), so positions up to `max_position_embeddings` are seen without training
 at that length. Logs go to stderr; `<out>/training.json` records the config, the run, the accuracy
 per task and length, and the key-to-value binding probe (`--binding`).
+
+A run can start from a trained model (`--init`) and change it first without changing what it
+computes: deeper (`--grow-after`), more heads (`--kv-group`, `--add-kv-heads`) or wider (`--widen`).
 """
 
 from __future__ import annotations
@@ -993,9 +996,8 @@ def widen_hidden(model, hidden: int, intermediate: int, seed: int = 0):
     (the tied embedding, the attention output and MLP down projections) has zero rows there, and every
     matrix that reads them random columns, so they are trained from the first step. The norms' weights
     are scaled by sqrt(old / new hidden) and their epsilon by old / new hidden, which cancels the extra
-    zero dimensions in the RMS. New MLP
-    units have random input weights and a zero output. The attention heads keep their number and
-    size (`head_dim` is explicit)."""
+    zero dimensions in the RMS. New MLP units have random input weights and a zero output. The
+    attention heads keep their number and size (`head_dim` is explicit)."""
     from transformers import LlamaForCausalLM
 
     cfg = model.config
@@ -1035,8 +1037,10 @@ def widen_hidden(model, hidden: int, intermediate: int, seed: int = 0):
             state[k] = norm(v)
         elif k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
             state[k] = grow(v, v.shape[0], hidden, 0.0, std)  # they read the residual stream
-        elif k.endswith(("o_proj.weight", "down_proj.weight")):
-            state[k] = grow(v, hidden, v.shape[1] if "o_proj" in k else intermediate, 0.0, 0.0)
+        elif k.endswith("o_proj.weight"):  # writes to the residual stream
+            state[k] = grow(v, hidden, v.shape[1], 0.0, 0.0)
+        elif k.endswith("down_proj.weight"):  # writes to it, from the wider MLP
+            state[k] = grow(v, hidden, intermediate, 0.0, 0.0)
         elif k.endswith(("gate_proj.weight", "up_proj.weight")):
             state[k] = grow(v, intermediate, hidden, std, std)
         elif k in ("model.embed_tokens.weight", "lm_head.weight"):
