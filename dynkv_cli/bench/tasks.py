@@ -281,6 +281,22 @@ def _t_multiquery(rng: random.Random, n: int):
     return needles, q, answer, ans, min(depths[i] for i in asked), extra, f"{k0} is"
 
 
+def _assign(var: str, source: str) -> str:
+    """A variable tracking line: `source` is a value or another variable's name."""
+    return f" VAR {var} = {source}."
+
+
+def assignments(chain: list[str], value: str) -> list[str]:
+    """The lines of one variable chain, in order: its first variable gets `value`, each next one the
+    variable before it."""
+    return [_assign(chain[0], value)] + [_assign(cur, f"VAR {prev}") for prev, cur in zip(chain, chain[1:])]
+
+
+def ask_vars(value: str) -> str:
+    """The variable tracking question."""
+    return f"Which variables are assigned the value {value}?"
+
+
 def _t_vartrack(rng: random.Random, n: int):
     names = rng.sample(VARS, 8)
     used: set[str] = set()
@@ -288,16 +304,12 @@ def _t_vartrack(rng: random.Random, n: int):
     values = [_number(rng, 5, used) for _ in chains]
     needles: _Needles = []
     for chain, val in zip(chains, values, strict=True):
-        depths = _depths(rng, len(chain), 0.0, 0.95)
-        needles.append((depths[0], f" VAR {chain[0]} = {val}."))
-        for d, prev, cur in zip(depths[1:], chain[:-1], chain[1:], strict=True):
-            needles.append((d, f" VAR {cur} = VAR {prev}."))
+        needles += zip(_depths(rng, len(chain), 0.0, 0.95), assignments(chain, val), strict=True)
     needles.sort()
     target = chains[0]
-    q = f"Which variables are assigned the value {values[0]}?"
-    first = next(d for d, s in needles if s == f" VAR {target[0]} = {values[0]}.")
-    extra = [(f"Which variables are assigned the value {values[1]}?", "", " ".join(chains[1]))]
-    return needles, q, " ".join(target), list(target), first, extra
+    first = next(d for d, s in needles if s == _assign(target[0], values[0]))
+    extra = [(ask_vars(values[1]), "", " ".join(chains[1]))]
+    return needles, ask_vars(values[0]), " ".join(target), list(target), first, extra
 
 
 def _t_aggregate(rng: random.Random, n: int):

@@ -196,14 +196,14 @@ def chains_sequence(rng: random.Random, n_tokens: int, tokenizer):
     names = iter(rng.sample(T.VARS, sum(lens)))
     used: set[str] = set()
     chains = [(T._number(rng, 5, used), [next(names) for _ in range(k)]) for k in lens]
-    pending = [[f" VAR {c[0]} = {v}."] + [f" VAR {b} = VAR {a}." for a, b in zip(c, c[1:])] for v, c in chains]
+    pending = [T.assignments(c, v) for v, c in chains]
     lines = []
     while any(pending):  # a random interleaving that keeps each chain's order
         lines.append(rng.choice([p for p in pending if p]).pop(0))
     ids = be.encode("".join(lines).lstrip(" ")).ids
     labels = [-100] * len(ids)
     for i, (v, c) in enumerate(rng.sample(chains, len(chains))):
-        q = be.encode(suffix_text(f"Which variables are assigned the value {v}?"), add_special_tokens=False).ids
+        q = be.encode(suffix_text(T.ask_vars(v)), add_special_tokens=False).ids
         a = be.encode(" " + " ".join(c), add_special_tokens=False).ids + [tokenizer.eos_token_id]
         if i and len(ids) + len(q) + len(a) > n_tokens:
             break
@@ -1052,6 +1052,14 @@ def widen_hidden(model, hidden: int, intermediate: int, seed: int = 0):
     return wide
 
 
+def _shape(model) -> str:
+    c = model.config
+    return (
+        f"{c.num_hidden_layers} layers, hidden {c.hidden_size} / MLP {c.intermediate_size}, "
+        f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads"
+    )
+
+
 def _final_eval(title: str, model, tokenizer, args, device, predictions: list):
     """The evaluation at --lengths with --n-eval examples, logged: (accuracy, repeated list items)."""
     repeated: dict[str, dict[str, float]] = {}
@@ -1250,28 +1258,19 @@ def main(argv=None) -> None:
     if args.init:
         tokenizer = AutoTokenizer.from_pretrained(args.init)
         model = LlamaForCausalLM.from_pretrained(args.init, attn_implementation="sdpa").to(device)
-        if args.grow_after:
-            layers = model.config.num_hidden_layers
-            try:
-                model = grow_layers(model, args.grow_after)
-            except ValueError as e:
-                p.error(str(e))
-            log(f"grown from {layers} to {model.config.num_hidden_layers} layers (new ones after {args.grow_after})")
-        if args.widen:
-            before = (model.config.hidden_size, model.config.intermediate_size)
-            try:
-                model = widen_hidden(model, *args.widen, seed=args.seed)
-            except ValueError as e:
-                p.error(str(e))
-            log(f"widened from hidden {before[0]} / MLP {before[1]} to {args.widen[0]} / {args.widen[1]}")
-        if args.kv_group or args.add_kv_heads:
-            before = (model.config.num_attention_heads, model.config.num_key_value_heads)
-            try:
-                model = widen_heads(model, args.kv_group, args.add_kv_heads, args.seed)
-            except ValueError as e:
-                p.error(str(e))
-            after = (model.config.num_attention_heads, model.config.num_key_value_heads)
-            log(f"widened from {before[0]} query / {before[1]} KV heads per layer to {after[0]} / {after[1]}")
+        changes = [  # (asked for, the change): each computes the same function as the model it changes
+            (args.grow_after, lambda m: grow_layers(m, args.grow_after)),
+            (args.widen, lambda m: widen_hidden(m, *args.widen, seed=args.seed)),
+            (args.kv_group or args.add_kv_heads, lambda m: widen_heads(m, args.kv_group, args.add_kv_heads, args.seed)),
+        ]
+        for wanted, change in changes:
+            if wanted:
+                before = _shape(model)
+                try:
+                    model = change(model)
+                except ValueError as e:
+                    p.error(str(e))
+                log(f"changed from {before} to {_shape(model)}")
         config = model.config
         previous = Path(args.init) / "training.json"
         earlier = json.loads(previous.read_text()) if previous.exists() else {}
