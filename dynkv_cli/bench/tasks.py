@@ -297,12 +297,6 @@ def ask_vars(value: str) -> str:
     return f"Which variables are assigned the value {value}?"
 
 
-def cue_vars(value: str) -> str:
-    """The start of the variable tracking answer: it restates the value, as RULER's answer prefix
-    ("... variables are assigned the value {query}, they are:") does."""
-    return f"The variables assigned the value {value} are"
-
-
 def _t_vartrack(rng: random.Random, n: int):
     names = rng.sample(VARS, 8)
     used: set[str] = set()
@@ -314,8 +308,8 @@ def _t_vartrack(rng: random.Random, n: int):
     needles.sort()
     target = chains[0]
     first = next(d for d, s in needles if s == _assign(target[0], values[0]))
-    extra = [(ask_vars(values[1]), cue_vars(values[1]), " ".join(chains[1]))]
-    return needles, ask_vars(values[0]), " ".join(target), list(target), first, extra, cue_vars(values[0])
+    extra = [(ask_vars(values[1]), "", " ".join(chains[1]))]
+    return needles, ask_vars(values[0]), " ".join(target), list(target), first, extra
 
 
 def _t_aggregate(rng: random.Random, n: int):

@@ -203,7 +203,7 @@ def chains_sequence(rng: random.Random, n_tokens: int, tokenizer):
     ids = be.encode("".join(lines).lstrip(" ")).ids
     labels = [-100] * len(ids)
     for i, (v, c) in enumerate(rng.sample(chains, len(chains))):
-        q = be.encode(suffix_text(T.ask_vars(v), T.cue_vars(v)), add_special_tokens=False).ids
+        q = be.encode(suffix_text(T.ask_vars(v)), add_special_tokens=False).ids
         a = be.encode(" " + " ".join(c), add_special_tokens=False).ids + [tokenizer.eos_token_id]
         if i and len(ids) + len(q) + len(a) > n_tokens:
             break
