@@ -305,9 +305,9 @@ def _t_vartrack(rng: random.Random, n: int):
     needles: _Needles = []
     for chain, val in zip(chains, values, strict=True):
         needles += zip(_depths(rng, len(chain), 0.0, 0.95), assignments(chain, val), strict=True)
+    first = needles[0][0]  # where the asked chain (the first) starts
     needles.sort()
     target = chains[0]
-    first = next(d for d, s in needles if s == _assign(target[0], values[0]))
     extra = [(ask_vars(values[1]), "", " ".join(chains[1]))]
     return needles, ask_vars(values[0]), " ".join(target), list(target), first, extra
 
