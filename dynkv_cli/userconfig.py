@@ -4,6 +4,7 @@ The config dir is ``DYNKV_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/dynkv``, else ``
 Example ``config.yaml``::
 
     model: ~/models/Qwen2.5-7B-Instruct   # used when --model and DYNKV_MODEL are not given
+                                          # (a folder or a .gguf file; else the default model)
     device: cuda
     dtype: bf16
     trust_remote_code: false
@@ -57,14 +58,30 @@ def load_user_config() -> UserConfig:
 
 
 def resolve_model(flag: str | None, config: UserConfig | None = None) -> str:
-    """The model to use: ``--model``, else ``DYNKV_MODEL``, else the config file; a usage error if none."""
+    """The model to use: ``--model``, else ``DYNKV_MODEL``, else the config file, else the default model."""
+    return resolve_model_origin(flag, config)[0]
+
+
+def resolve_model_origin(flag: str | None, config: UserConfig | None = None) -> tuple[str, str]:
+    """``(model, where it came from)``: ``--model``, ``DYNKV_MODEL``, ``config`` or ``default``.
+
+    The default is SmolLM2-135M-Instruct when the package carrying it is installed
+    (:func:`catalog.default_model_file`); with none of them a usage error says how to get one.
+    """
+    from .catalog import DEFAULT_NAME, INSTALL_DEFAULT, default_model_file
+
     if flag:
-        return flag
+        return flag, "--model"
     if os.environ.get("DYNKV_MODEL"):
-        return os.environ["DYNKV_MODEL"]
+        return os.environ["DYNKV_MODEL"], "DYNKV_MODEL"
     config = config or load_user_config()
     if config.model:
-        return str(Path(config.model).expanduser()) if config.model.startswith("~") else config.model
+        return (str(Path(config.model).expanduser()) if config.model.startswith("~") else config.model), "config"
+    default = default_model_file()
+    if default is not None:
+        return str(default), "default"
     raise UsageError(
-        f"no model given: pass --model PATH_OR_HUB_ID, set DYNKV_MODEL, or write `model: PATH` in {config_path()}"
+        f"no model given and the default model ({DEFAULT_NAME}) is not installed: run `{INSTALL_DEFAULT}`, "
+        f"or pass --model PATH (a .gguf file or a model folder), set DYNKV_MODEL, or write `model: PATH` in "
+        f"{config_path()}"
     )

@@ -102,7 +102,7 @@ def test_model_folder_that_is_not_a_model(tmp_path):
     folder = tmp_path / "not-a-model"
     folder.mkdir()
     (folder / "readme.txt").write_text("hi")
-    fails(qa(doc, folder), 1, "is not a model folder (no config.json)")
+    fails(qa(doc, folder), 1, "is not a model folder (no config.json, no .gguf file)")
 
 
 def test_unknown_profile_key(model, tmp_path):

