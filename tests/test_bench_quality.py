@@ -10,7 +10,7 @@ from tiny import make_model
 
 from dynkv_cli import load_model
 from dynkv_cli.bench import quality as Q
-from dynkv_cli.bench.tasks import make_example, make_suite, score
+from dynkv_cli.bench.tasks import format_prompt, make_example, make_suite, score
 
 LENGTH = 512
 
@@ -43,16 +43,30 @@ def _plain_greedy_text(lm, ids: list[int], n: int) -> str:
         lm.model.set_attn_implementation("dynkv")
 
 
-def test_ids_equal_training_format(lm):
-    """Prefix + document + suffix as the engine sees them == train.encode_example's prompt ids."""
-    from dynkv_cli.bench.train import encode_example, train_tokenizer
+def _with_bos(tok):
+    """The tiny tokenizer with a post-processor that puts BOS in front, as many real tokenizers do."""
+    from tokenizers import processors
 
-    for tok in (lm.tokenizer, train_tokenizer(0, 512)):  # without and with a BOS post-processor
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tok("a")["input_ids"][0] == bos
+    return tok
+
+
+def test_ids_equal_the_plain_encoding(lm):
+    """Prefix + document + suffix as the engine sees them == the tokenizer's own encoding of the
+    document (with its BOS, if it adds one) followed by the suffix tokenised on its own."""
+    from tiny import make_tokenizer
+
+    for tok in (lm.tokenizer, _with_bos(make_tokenizer())):  # without and with a BOS post-processor
         for task in ("niah_single", "vt"):
             ex = make_example(task, 300, 5, tok)
             prep = Q.prepare(tok, ex, 0, 5, 300)
-            assert prep.prefix_ids + prep.doc_ids + prep.suffix_ids == encode_example(ex, tok)[0]
+            doc, suffix = format_prompt(ex)
+            plain = tok(doc)["input_ids"] + tok(suffix, add_special_tokens=False)["input_ids"]
+            assert prep.prefix_ids + prep.doc_ids + prep.suffix_ids == plain == Q.reference_ids(tok, ex)
             assert prep.prompt.after_document == "\n{question}\nAnswer:"
+            assert (prep.prefix_ids[:1] == [tok.bos_token_id]) == (tok("a")["input_ids"][0] == tok.bos_token_id)
 
 
 def test_keep_everything_matches_full_prediction_for_prediction(lm):
@@ -75,7 +89,7 @@ def test_keep_everything_matches_full_prediction_for_prediction(lm):
         f = full[(p.task, p.example_index)]
         assert (p.prediction, p.score, p.kept_per_layer) == (f.prediction, f.score, f.kept_per_layer)
         assert p.kept_per_layer == [p.doc_tokens] * res.num_layers
-    # the harness's full run is plain greedy decoding over the training-format ids
+    # the harness's full run is plain greedy decoding over the prompt's plain ids
     for ex in make_suite(["niah_single"], LENGTH, 1, 0, "eval", lm.tokenizer):
         prep = Q.prepare(lm.tokenizer, ex, 0, 0, LENGTH)
         ids = prep.prefix_ids + prep.doc_ids + prep.suffix_ids

@@ -1,8 +1,8 @@
 """`dynkv bench quality`: accuracy against budget for every method, on the same seeded examples.
 
     for each task x length: examples = make_suite([task], length, n, seed, "eval", tokenizer)
-        for each example: tokenise the document once (ids exactly as in training: BOS + document, then
-            the suffix "\\n<question>\\nAnswer:" tokenised on its own)
+        for each example: tokenise the document once (the tokenizer's own encoding of it, BOS
+            included where it adds one, then the suffix "\\n<question>\\nAnswer:" tokenised on its own)
             full KV once -> reference prediction
             for each method x budget: compress the ids with the question as probe, ask, score
 
@@ -133,9 +133,10 @@ class PreparedExample:
         return len(self.prefix_ids) + len(self.doc_ids) + len(self.suffix_ids)
 
 
-def training_ids(tokenizer, example: Example) -> list[int]:
-    """Prompt ids exactly as the bundled model was trained on them (``train.encode_example``):
-    the document tokenised with the tokenizer's special tokens (BOS), the suffix tokenised on its own."""
+def reference_ids(tokenizer, example: Example) -> list[int]:
+    """The prompt's ids as a plain ``transformers`` user gets them, whatever the model: the document
+    as the tokenizer encodes it with its own special tokens (a BOS where it adds one), then the
+    suffix tokenised on its own (so no token spans the document/suffix boundary)."""
     doc, suffix = format_prompt(example)
     ids = list(tokenizer(doc)["input_ids"])
     return ids + encode(tokenizer, suffix)
@@ -156,16 +157,16 @@ def task_prompt(example: Example) -> TaskPrompt:
 
 
 def prepare(tokenizer, example: Example, index: int, seed: int, length: int) -> PreparedExample:
-    """Tokenise the document once; check the ids the engine will see equal the training ids."""
+    """Tokenise the document once; check the ids the engine will see equal :func:`reference_ids`."""
     doc, _ = format_prompt(example)
     prompt = task_prompt(example)
     doc_ids = encode(tokenizer, doc)
     p = prompt_ids(tokenizer, prompt, example.question)
     seen = p.prefix + doc_ids + p.suffix
-    if seen != training_ids(tokenizer, example):
+    if seen != reference_ids(tokenizer, example):
         raise UsageError(
-            f"{example.task}: the engine's token ids (prefix + document + suffix) differ from the training "
-            "format; the tokenizer merges across the document/suffix boundary"
+            f"{example.task}: the engine's token ids (prefix + document + suffix) differ from the tokenizer's "
+            "own encoding of the document followed by the suffix; its special tokens are not a single leading BOS"
         )
     answer_tokens = len(encode(tokenizer, " " + example.answer))
     return PreparedExample(
@@ -221,7 +222,7 @@ def evidence_kept(doc: CompressedDocument, evidence: list[int]) -> float | None:
 
 
 def answer_budget(prep: PreparedExample) -> int:
-    """New tokens allowed: the answer, its EOS and 4 more (as the training script's evaluation)."""
+    """New tokens allowed: the answer, its EOS and 4 more."""
     return prep.answer_tokens + 1 + 4
 
 
@@ -901,7 +902,12 @@ def markdown_report(result: QualityResult) -> str:
 
 
 def quality_command(
-    model: str = typer.Option("examples/model", "--model", "-m", help="model folder (or hub id when online)"),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="the model (a path or hub id); default: as for every dynkv command (DYNKV_MODEL, the config file, ...)",
+    ),
     tasks: str = typer.Option("all", "--tasks", help="comma-separated task names, or all"),
     lengths: str = typer.Option("4k,8k", "--lengths", help="comma-separated lengths in tokens: 512, 4k, 8k"),
     budgets: str = typer.Option(
@@ -942,6 +948,7 @@ def quality_command(
 
     from ..errors import DynkvError
     from ..model import load_model
+    from ..userconfig import resolve_model
 
     console = Console()
     err = Console(stderr=True)
@@ -959,6 +966,7 @@ def quality_command(
         method_list = resolve_methods(methods, mix)
         given = {"r_max": r_max, "r_min": r_min}
         retention = RetentionSettings(**{k: v for k, v in given.items() if v is not None}).validate()
+        model = resolve_model(model)
         lm = load_model(model, device=device, dtype=dtype)
         total = len(length_list) * len(task_list) * examples * runs_per_example(method_list, budget_list)
         argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name.startswith("dynkv") else []

@@ -1,9 +1,15 @@
-"""A seeded generator of RULER-style long-context tasks over generated filler text.
+"""A seeded generator of RULER-style long-context tasks over real text.
 
-Every example is a document (a haystack of filler sentences, made here by a small grammar over
-word lists written for this file, with task facts inserted), a question, and the answer.
-The same ``(task, n_tokens, seed)`` always gives the same example. Evaluation and training
-examples come from disjoint seed streams (:func:`suite_seed`).
+Every example is a document (a haystack of real news text with task facts, the needles, inserted
+between its sentences), a question, and the answer. The haystack is a run of consecutive sentences
+from ``data/news.jsonl.gz``, a slice of LongBench's multi_news articles shipped with the package
+(records 100..199; MIT licence, see ``data/NOTICE``), starting at a seeded paragraph. The needles'
+keys, marked words and variable names are invented words that the real text never contains, and
+their numbers never occur in it either, so every answer is decided by the needles alone.
+
+The same ``(task, n_tokens, seed)`` always gives the same example. Evaluation examples come from
+their own seed stream (:func:`suite_seed`), disjoint from the ``"train"`` stream of examples for
+tuning or fitting anything on the suite.
 
 Prompt format (plain text, no chat template), see :func:`format_prompt`::
 
@@ -16,17 +22,22 @@ The question alone is also a meaningful probe for scoring tokens while the docum
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
+import json
 import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import NamedTuple
 
 __all__ = [
     "TASKS",
     "Example",
     "TaskSpec",
+    "corpus",
     "count_tokens",
     "format_prompt",
     "make_example",
@@ -34,7 +45,6 @@ __all__ = [
     "score",
     "suffix_text",
     "suite_seed",
-    "vocabulary_text",
 ]
 
 
@@ -46,9 +56,6 @@ class Example:
     answer: str
     answers: list[str] = field(default_factory=list)
     depth: float = 0.0
-    # more (question, answer) pairs about the same document, for training only: several answers per
-    # document give the model more to learn from per token it reads (evaluation asks `question` only)
-    extra: tuple[tuple[str, str, str], ...] = ()  # (question, answer prefix, answer)
     # the start of the answer, given in the prompt as RULER does ("Answer: The special magic number
     # for K is"), so the model continues with the value; empty for tasks asked without one
     prefix: str = ""
@@ -63,37 +70,37 @@ class TaskSpec:
 
 
 # ----------------------------------------------------------------------------------------------
-# Word lists (written for this file) and invented names
+# The real text (a slice of LongBench multi_news shipped in data/, see data/NOTICE)
 
-_NOUNS = (
-    "river garden window teacher market village forest engine letter mountain harbor farmer "
-    "bridge painter kitchen island valley library station doctor meadow tower lantern basket "
-    "wagon castle sailor singer temple orchard pencil blanket ladder mirror candle hammer "
-    "carpet bottle jacket wheel cloud stone field road house child friend city house boat "
-    "table chair story song voice morning evening winter summer garden student worker hill "
-    "shadow circle signal picture engine machine student question answer journey market"
-).split()
-_VERBS = (
-    "watched followed carried painted visited opened cleaned repaired moved found built "
-    "crossed noticed described counted measured gathered pulled pushed lifted covered "
-    "explored remembered ignored greeted helped reached joined left passed planted"
-).split()
-_INTRANS = (
-    "waited slept laughed worked rested travelled listened walked smiled wandered "
-    "arrived stayed paused returned sang danced"
-).split()
-_ADJS = (
-    "quiet bright old small large green gentle narrow wide warm cold heavy light early "
-    "late busy calm tall short simple careful clever distant empty famous golden honest "
-    "humble little lonely modern patient proud rapid silver soft steady strange young"
-).split()
-_ADVS = "slowly quickly quietly often rarely carefully happily suddenly gently always soon again".split()
-_PREPS = "near behind beside under over across along past toward inside around below".split()
-_DETS = "the a every one another that this".split()
-_TIMES = (
-    "In the morning, | Later that day, | After a while, | Every spring, | Long ago, | "
-    "At noon, | By evening, | Once again, | Meanwhile, | Before dawn,"
-).split(" | ")
+CORPUS_FILE = "data/news.jsonl.gz"
+
+
+class Corpus(NamedTuple):
+    units: list[str]  # every sentence in corpus order, after its separator: "\n\n" opens a paragraph, else " "
+    starts: list[int]  # the units that open a paragraph
+    words: frozenset[str]  # every word of the text, lower case
+    digits: str  # every run of digits in the text, space-separated
+
+
+@functools.cache
+def corpus() -> Corpus:
+    """The shipped news text (records 100..199 of LongBench multi_news), read once."""
+    units: list[str] = []
+    starts: list[int] = []
+    with (resources.files(__package__) / CORPUS_FILE).open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+        for line in f:
+            for paragraph in json.loads(line)["paragraphs"]:
+                starts.append(len(units))
+                units += ["\n\n" + paragraph[0]] + [" " + s for s in paragraph[1:]]
+    text = "".join(units)
+    words = frozenset(w.lower() for w in re.findall(r"[^\W\d_]+", text))
+    return Corpus(units, starts, words, " ".join(re.findall(r"\d+", text)))
+
+
+# Invented words for needle keys, author names, marked words and variable names: made of syllables
+# and kept only when the real text never uses them (in any case), so a key, a marked word or a
+# variable occurs in a document exactly where a needle put it, and a count of marked words counts
+# the needles only.
 
 _SYLLABLES = (
     "ba be bi bo bu da de di do du fa fe fi fo ga ge go ka ke ki ko ku la le li lo lu ma me mi mo "
@@ -113,13 +120,21 @@ def _invented(rng: random.Random, n: int, banned: set[str]) -> list[str]:
     return out
 
 
-_POOL_RNG = random.Random(20241223)
-_COMMON = set(_NOUNS + _VERBS + _INTRANS + _ADJS + _ADVS + _PREPS + _DETS)
-KEYS = _invented(_POOL_RNG, 160, _COMMON)  # needle keys, author names
-MARKED = _invented(_POOL_RNG, 80, _COMMON | set(KEYS))  # aggregation words
-_VARSRC = _invented(_POOL_RNG, 120, _COMMON | set(KEYS) | set(MARKED))
-VARS = [w[:4].upper() for w in _VARSRC]
-VARS = list(dict.fromkeys(VARS))  # unique, order kept
+class Pools(NamedTuple):
+    keys: list[str]  # needle keys, author names (lower case)
+    marked: list[str]  # aggregation words (lower case)
+    vars: list[str]  # variable names (4 capitals)
+
+
+@functools.cache
+def pools() -> Pools:
+    rng = random.Random(20241223)
+    banned = set(corpus().words)
+    keys = _invented(rng, 160, banned)
+    marked = _invented(rng, 80, banned | set(keys))
+    source = _invented(rng, 120, banned | set(keys) | set(marked))
+    names = dict.fromkeys(w[:4].upper() for w in source)  # unique, order kept
+    return Pools(keys, marked, [v for v in names if v.lower() not in banned])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,38 +163,42 @@ def count_tokens(texts: list[str], tokenizer=None) -> list[int]:
 # Filler
 
 
-def _sentence(rng: random.Random) -> str:
-    r = rng.random()
-    n1, n2 = rng.choice(_NOUNS), rng.choice(_NOUNS)
-    a1 = rng.choice(_ADJS)
-    d1 = rng.choice(_DETS).capitalize()
-    if r < 0.3:
-        s = f"{d1} {a1} {n1} {rng.choice(_VERBS)} the {n2} {rng.choice(_PREPS)} the {rng.choice(_NOUNS)}."
-    elif r < 0.5:
-        s = f"{d1} {n1} {rng.choice(_INTRANS)} {rng.choice(_ADVS)} {rng.choice(_PREPS)} the {n2}."
-    elif r < 0.7:
-        s = f"{rng.choice(_TIMES)} the {a1} {n1} {rng.choice(_VERBS)} a {rng.choice(_ADJS)} {n2}."
-    elif r < 0.85:
-        s = f"{d1} {n1} was {a1} and the {n2} was {rng.choice(_ADJS)}."
-    else:
-        s = f"{d1} {n1} {rng.choice(_VERBS)} the {n2} and {rng.choice(_INTRANS)} {rng.choice(_ADVS)}."
-    return s
-
-
-def _filler(rng: random.Random, budget: int, tokenizer) -> tuple[list[str], list[int]]:
-    """Filler sentences (each with a leading space) whose token counts add up to about `budget`."""
+def _filler(rng: random.Random, budget: int, tokenizer) -> tuple[list[str], list[int], bool]:
+    """Consecutive corpus sentences (each after its separator) from a random paragraph on, wrapping
+    round at the corpus's end, whose token counts add up to about `budget`, and whether the last one
+    is cut short: it is whole when that ends within 1% of `budget`, else cut after the word that
+    comes closest."""
+    units = corpus().units
+    at = rng.choice(corpus().starts)
     sents: list[str] = []
     counts: list[int] = []
     total = 0
     while total < budget:
-        batch = [" " + _sentence(rng) for _ in range(64)]
+        batch = [units[(at + k) % len(units)] for k in range(64)]
+        at += len(batch)
         for s, c in zip(batch, count_tokens(batch, tokenizer), strict=True):
-            if total >= budget:
-                break
+            if total + c > budget:
+                cut, c = _last(s, c, budget - total, budget, tokenizer)
+                if c:
+                    sents.append(cut)
+                    counts.append(c)
+                return sents, counts, 0 < len(cut) < len(s)
             sents.append(s)
             counts.append(c)
             total += c
-    return sents, counts
+    return sents, counts, False
+
+
+def _last(sentence: str, tokens: int, need: int, budget: int, tokenizer) -> tuple[str, int]:
+    """What of `sentence` (`tokens` tokens) ends the filler, `need` tokens short of `budget`:
+    nothing, all of it, or its first words."""
+    options = [("", 0), (sentence, tokens)]
+    best = min(options, key=lambda o: abs(o[1] - need))
+    if abs(best[1] - need) <= 0.01 * budget:
+        return best
+    heads = [sentence[: m.start()] for m in re.finditer(" ", sentence) if sentence[: m.start()].strip()]
+    options += zip(heads, count_tokens(heads, tokenizer)) if heads else []
+    return min(options, key=lambda o: abs(o[1] - need))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,9 +208,10 @@ _Needles = list[tuple[float, str]]
 
 
 def _number(rng: random.Random, digits: int, used: set[str]) -> str:
+    """A new number of `digits` digits that the real text never contains (not even inside a longer one)."""
     while True:
         v = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
-        if v not in used:
+        if v not in used and v not in corpus().digits:
             used.add(v)
             return v
 
@@ -223,31 +243,23 @@ def _cue_all(key: str) -> str:
 def _t_passkey(rng: random.Random, n: int):
     v = _number(rng, 5, set())
     needle = f" The pass key is {v}. Remember it. {v} is the pass key."
-    # asked without an answer prefix (the README's `dynkv qa` question); trained with one as well
-    return (
-        [(rng.uniform(0.0, 1.0), needle)],
-        "What is the pass key?",
-        v,
-        [v],
-        None,
-        [("What is the pass key?", "The pass key is", v)],
-    )
+    # asked without an answer prefix (the README's `dynkv qa` question)
+    return [(rng.uniform(0.0, 1.0), needle)], "What is the pass key?", v, [v]
 
 
 def _t_multikey(rng: random.Random, n: int):
     k = rng.randint(4, 8)
-    keys = rng.sample(KEYS, k)
+    keys = rng.sample(pools().keys, k)
     used: set[str] = set()
     vals = [_number(rng, 6, used) for _ in keys]
     depths = [rng.uniform(0.0, 1.0) for _ in keys]
     needles = sorted((d, _magic(key, v)) for d, key, v in zip(depths, keys, vals, strict=True))
     i = rng.randrange(k)
-    extra = [(_ask1(key), _cue1(key), v) for key, v in zip(keys, vals) if key != keys[i]]
-    return needles, _ask1(keys[i]), vals[i], [vals[i]], depths[i], extra, _cue1(keys[i])
+    return needles, _ask1(keys[i]), vals[i], [vals[i]], depths[i], _cue1(keys[i])
 
 
 def _t_multivalue(rng: random.Random, n: int):
-    keys = rng.sample(KEYS, 3)
+    keys = rng.sample(pools().keys, 3)
     used: set[str] = set()
     target = keys[0]
     vals = [_number(rng, 6, used) for _ in range(4)]
@@ -255,19 +267,17 @@ def _t_multivalue(rng: random.Random, n: int):
     needles = [
         (d, f" One of the special magic numbers for {target} is {v}.") for d, v in zip(depths, vals, strict=True)
     ]
-    extra = []
-    for key in keys[1:]:
+    for key in keys[1:]:  # the distractors: one number each
         d = rng.uniform(0, 1)
         v = _number(rng, 6, used)
         needles.append((d, f" One of the special magic numbers for {key} is {v}."))
-        extra.append((_ask_all(key), _cue_all(key), v))
     needles.sort()
-    return needles, _ask_all(target), ", ".join(vals), vals, depths[0], extra, _cue_all(target)
+    return needles, _ask_all(target), ", ".join(vals), vals, depths[0], _cue_all(target)
 
 
 def _t_multiquery(rng: random.Random, n: int):
     k = 5
-    keys = rng.sample(KEYS, k)
+    keys = rng.sample(pools().keys, k)
     used: set[str] = set()
     vals = [_number(rng, 6, used) for _ in keys]
     depths = [rng.uniform(0.0, 1.0) for _ in keys]
@@ -277,8 +287,7 @@ def _t_multiquery(rng: random.Random, n: int):
     ans = [vals[i] for i in asked]
     k0, k1, k2 = (keys[i] for i in asked)
     answer = f"{ans[0]}, {k1} is {ans[1]} and {k2} is {ans[2]}"
-    extra = [(_ask1(key), _cue1(key), v) for key, v in zip(keys, vals)]
-    return needles, q, answer, ans, min(depths[i] for i in asked), extra, f"{k0} is"
+    return needles, q, answer, ans, min(depths[i] for i in asked), f"{k0} is"
 
 
 def _assign(var: str, source: str) -> str:
@@ -286,62 +295,52 @@ def _assign(var: str, source: str) -> str:
     return f" VAR {var} = {source}."
 
 
-def assignments(chain: list[str], value: str) -> list[str]:
+def _assignments(chain: list[str], value: str) -> list[str]:
     """The lines of one variable chain, in order: its first variable gets `value`, each next one the
     variable before it."""
     return [_assign(chain[0], value)] + [_assign(cur, f"VAR {prev}") for prev, cur in zip(chain, chain[1:])]
 
 
-def ask_vars(value: str) -> str:
+def _ask_vars(value: str) -> str:
     """The variable tracking question."""
     return f"Which variables are assigned the value {value}?"
 
 
 def _t_vartrack(rng: random.Random, n: int):
-    names = rng.sample(VARS, 8)
+    names = rng.sample(pools().vars, 8)
     used: set[str] = set()
     chains = [names[:4], names[4:8]]
     values = [_number(rng, 5, used) for _ in chains]
     needles: _Needles = []
     for chain, val in zip(chains, values, strict=True):
-        needles += zip(_depths(rng, len(chain), 0.0, 0.95), assignments(chain, val), strict=True)
+        needles += zip(_depths(rng, len(chain), 0.0, 0.95), _assignments(chain, val), strict=True)
     first = needles[0][0]  # where the asked chain (the first) starts
     needles.sort()
     target = chains[0]
-    extra = [(ask_vars(values[1]), "", " ".join(chains[1]))]
-    return needles, ask_vars(values[0]), " ".join(target), list(target), first, extra
+    return needles, _ask_vars(values[0]), " ".join(target), list(target), first
 
 
 def _t_aggregate(rng: random.Random, n: int):
-    words = rng.sample(MARKED, 10)
+    words = rng.sample(pools().marked, 10)
     c = max(4, min(9, n // 500))
     counts = [c + 3, c + 1, c - 1] + [rng.randint(1, 2) for _ in range(7)]
     occ = [w for w, k in zip(words, counts, strict=True) for _ in range(k)]
     needles = sorted((rng.uniform(0, 1), f" The marked word is {w}.") for w in occ)
     q = "What are the three most frequent marked words?"
     top = words[:3]
-    return needles, q, " ".join(top), top, 0.0, [("What is the most frequent marked word?", "", top[0])]
+    return needles, q, " ".join(top), top, 0.0
 
 
 def _t_start(rng: random.Random, n: int):
-    a, b = rng.sample(KEYS, 2)
+    a, b = rng.sample(pools().keys, 2)
     needle = f" The author of this report is {a} {b}."
-    q = "Who is the author of this report?"
-    return (
-        [(rng.uniform(0.0, 0.04), needle)],
-        q,
-        f"{a} {b}",
-        [f"{a} {b}"],
-        None,
-        [(q, "The author of this report is", f"{a} {b}")],
-    )
+    return [(rng.uniform(0.0, 0.04), needle)], "Who is the author of this report?", f"{a} {b}", [f"{a} {b}"]
 
 
 def _t_end(rng: random.Random, n: int):
     v = _number(rng, 6, set())
     needle = f" The final code is {v}."
-    q = "What is the final code?"
-    return [(rng.uniform(0.95, 1.0), needle)], q, v, [v], None, [(q, "The final code is", v)]
+    return [(rng.uniform(0.95, 1.0), needle)], "What is the final code?", v, [v]
 
 
 _BUILDERS: dict[str, Callable] = {
@@ -377,7 +376,7 @@ TASKS: dict[str, TaskSpec] = {
 
 def suffix_text(question: str, prefix: str = "") -> str:
     """What follows the document: ``"\n" + question + "\nAnswer:"``, then ``" " + prefix`` when the
-    task gives the start of the answer. Also how train.py asks an example's extra questions."""
+    task gives the start of the answer."""
     return "\n" + question + "\nAnswer:" + (" " + prefix if prefix else "")
 
 
@@ -394,7 +393,6 @@ class _Built(NamedTuple):
     answer: str
     answers: list
     depth: float | None = None  # None: the first needle's depth
-    extra: tuple = ()  # training-only (question, prefix, answer)
     prefix: str = ""
 
 
@@ -403,12 +401,11 @@ def make_example(task: str, n_tokens: int, seed: int, tokenizer=None) -> Example
     if task not in _BUILDERS:
         raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     rng = random.Random(f"{task}:{n_tokens}:{seed}")
-    needles, question, answer, answers, depth, extra, prefix = _Built(*_BUILDERS[task](rng, n_tokens))
+    needles, question, answer, answers, depth, prefix = _Built(*_BUILDERS[task](rng, n_tokens))
     depth = needles[0][0] if depth is None else depth
-    extra = tuple(tuple(qa) for qa in extra)
     suffix = suffix_text(question, prefix)
     fixed = sum(count_tokens([s for _, s in needles] + [suffix], tokenizer)) + 1  # +1: BOS
-    sents, counts = _filler(rng, max(0, n_tokens - fixed), tokenizer)
+    sents, counts, cut = _filler(rng, max(0, n_tokens - fixed), tokenizer)
     total = sum(counts)
     # insert each needle before the filler sentence at its depth (by tokens)
     cum = [0]
@@ -416,14 +413,15 @@ def make_example(task: str, n_tokens: int, seed: int, tokenizer=None) -> Example
         cum.append(cum[-1] + c)
     slots: dict[int, list[str]] = {}
     for d, s in needles:
-        slots.setdefault(_bisect(cum, d * total), []).append(s)
+        # never right after a cut sentence: a needle at the very end goes before it
+        slots.setdefault(min(_bisect(cum, d * total), len(sents) - cut), []).append(s)
     parts: list[str] = []
     for i in range(len(sents) + 1):
         parts.extend(slots.get(i, []))
         if i < len(sents):
             parts.append(sents[i])
-    document = "".join(parts).lstrip(" ")
-    return Example(task, document, question, answer, list(answers), round(float(depth), 4), extra, prefix)
+    document = "".join(parts).strip()
+    return Example(task, document, question, answer, list(answers), round(float(depth), 4), prefix)
 
 
 def _bisect(cum: list[int], target: float) -> int:
@@ -436,7 +434,8 @@ def _bisect(cum: list[int], target: float) -> int:
 
 
 def suite_seed(split: str, seed: int, task: str, n_tokens: int, index: int) -> int:
-    """Example seed for a split. Eval seeds have bit 62 set, train seeds never: they cannot collide."""
+    """Example seed for a split ("eval", or "train" for examples to tune or fit on). Eval seeds have
+    bit 62 set, train seeds never: the two streams cannot collide."""
     if split not in ("eval", "train"):
         raise ValueError(f"split must be 'eval' or 'train', not {split!r}")
     h = hashlib.sha256(f"{split}|{seed}|{task}|{n_tokens}|{index}".encode()).digest()
@@ -485,16 +484,3 @@ def score(example: Example, prediction: str) -> float:
 def _contains(words: list[str], item: list[str]) -> bool:
     k = len(item)
     return any(words[i : i + k] == item for i in range(len(words) - k + 1))
-
-
-def vocabulary_text(seed: int = 0, n: int = 200) -> Iterable[str]:
-    """Text covering the suite's vocabulary, for training a tokenizer (no tokenizer needed)."""
-    names = list(TASKS)
-    for i in range(n):
-        ex = make_example(names[i % len(names)], 600, seed * 100003 + i, None)
-        doc, suf = format_prompt(ex)
-        yield doc + suf + " " + ex.answer
-    pools = [KEYS, MARKED, VARS, _NOUNS, _VERBS, _INTRANS, _ADJS, _ADVS]
-    for _ in range(20):
-        for p in pools:
-            yield "".join(" " + w for w in p)
