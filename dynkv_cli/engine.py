@@ -351,7 +351,7 @@ class Engine:
 
     Example::
 
-        lm = load_model("examples/model")
+        lm = load_model("path/to/model")  # a model folder or hub id
         engine = Engine(lm, CompressionSettings(method="dynamickv", budget="1.7%"))
         doc = engine.compress(text, TaskPrompt(after_document="\\n{question}\\nAnswer:"), question=q)
         print(engine.ask(doc, q).text)

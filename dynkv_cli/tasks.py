@@ -1,6 +1,6 @@
 """The tasks: summarize, qa and rag, from documents and a profile to result records.
 
-    runner = TaskRunner(load_model("examples/model"), load_profile("qa"))
+    runner = TaskRunner(load_model("path/to/model"), load_profile("qa"))
     result = runner.qa(open_document("report.pdf"), ["Who signed the lease?"])
     print(result.answers[0].text); print(result.to_dict())
 

@@ -3,17 +3,16 @@
 #
 #   examples/batch.sh [FOLDER] [OUT.jsonl]      (defaults: examples/docs, results.jsonl)
 #
-# The model is $DYNKV_MODEL, else examples/model. Run it again after a crash or Ctrl-C: documents
-# already in OUT are skipped, so nothing is done twice. Exit code: 0 all done, 1 some document
-# failed (its line has an "error"), 2 usage error.
+# The model is the one dynkv picks itself: $DYNKV_MODEL, else the config file, else the default
+# model. Run it again after a crash or Ctrl-C: documents already in OUT are skipped, so nothing is
+# done twice. Exit code: 0 all done, 1 some document failed (its line has an "error"), 2 usage error.
 set -u
 
 here="$(cd "$(dirname "$0")" && pwd)"
 folder="${1:-$here/docs}"
 out="${2:-results.jsonl}"
-model="${DYNKV_MODEL:-$here/model}"
 
-dynkv batch "$folder" --task summarize --out "$out" --model "$model" --budget 10% --max-new-tokens 64
+dynkv batch "$folder" --task summarize --out "$out" --budget 10% --max-new-tokens 64
 status=$?
 
 case "$status" in

@@ -1,34 +1,44 @@
-"""Write examples/haystack.txt: a 30,000-token pass-key haystack from dynkv's task suite (seeded).
+"""Write examples/haystack.txt: a pass-key haystack of real news text from dynkv's task suite (seeded).
 
-    python examples/make_haystack.py [--tokens 30000] [--seed 20261123]
+    python examples/make_haystack.py [--model PATH] [--tokens 6000] [--seed 20261123]
 
-The pass key of the bundled file (seed 20261123) is 81025.
+The length is counted with the tokenizer of --model (else $DYNKV_MODEL); with neither, with the task
+generator's approximate count (about 10% fewer tokens than SmolLM2's). The bundled file was made
+with SmolLM2-135M-Instruct's tokenizer (about 6,000 tokens; SmolLM2 reads up to 8,192 positions); its
+pass key (seed 20261123) is 12730.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
-from dynkv_cli.bench.tasks import format_prompt, make_example
+from dynkv_cli.bench.tasks import count_tokens, format_prompt, make_example
 
 HERE = Path(__file__).parent
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=30000)
+    ap.add_argument("--tokens", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=20261123)
-    ap.add_argument("--model", default=str(HERE / "model"), help="whose tokenizer measures the length")
+    ap.add_argument(
+        "--model", default=os.environ.get("DYNKV_MODEL"), help="whose tokenizer counts the tokens [env: DYNKV_MODEL]"
+    )
     ap.add_argument("--out", default=str(HERE / "haystack.txt"))
     args = ap.parse_args()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = None
+    if args.model:
+        from dynkv_cli import load_model
+
+        tok = load_model(args.model).tokenizer
     ex = make_example("niah_single", args.tokens, args.seed, tok)
     document, _ = format_prompt(ex)
     Path(args.out).write_text(document, encoding="utf-8")
-    print(f"{args.out}: {len(tok(document)['input_ids']):,} tokens; question {ex.question!r}, answer {ex.answer}")
+    n = len(tok(document)["input_ids"]) if tok is not None else count_tokens([document])[0]
+    how = f"{args.model}'s tokenizer" if tok is not None else "approximate count"
+    print(f"{args.out}: {n:,} tokens ({how}); question {ex.question!r}, pass key {ex.answer}")
 
 
 if __name__ == "__main__":

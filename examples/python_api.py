@@ -1,6 +1,8 @@
-"""Compress a bundled document with the bundled model, answer from the compressed cache, print the memory saved.
+"""Compress the bundled haystack with a model, answer from the compressed cache, print the memory saved.
 
-python examples/python_api.py [--model examples/model] [--document examples/haystack.txt] [--budget 1%]
+python examples/python_api.py [--model PATH] [--document examples/haystack.txt] [--budget 1%]
+
+The model is --model, else chosen as the CLI chooses it ($DYNKV_MODEL, the config file, the default model).
 """
 
 from __future__ import annotations
@@ -9,20 +11,21 @@ import argparse
 from pathlib import Path
 
 from dynkv_cli import CompressionSettings, Engine, GenerationSettings, TaskPrompt, load_model
+from dynkv_cli.userconfig import resolve_model
 
 HERE = Path(__file__).parent
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(HERE / "model"))
+    ap.add_argument("--model", default=None, help="a model path or hub id [env: DYNKV_MODEL]")
     ap.add_argument("--document", default=str(HERE / "haystack.txt"))
     ap.add_argument("--question", default="What is the pass key?")
     ap.add_argument("--budget", default="1%")
     ap.add_argument("--method", default="dynamickv")
     args = ap.parse_args()
 
-    lm = load_model(args.model)
+    lm = load_model(resolve_model(args.model))
     engine = Engine(
         lm,
         CompressionSettings(method=args.method, budget=args.budget),
