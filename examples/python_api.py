@@ -1,6 +1,6 @@
-"""Compress the bundled haystack with a model, answer from the compressed cache, print the memory saved.
+"""Compress a bundled document with a model, answer from the compressed cache, print the memory saved.
 
-python examples/python_api.py [--model PATH] [--document examples/haystack.txt] [--budget 1%]
+python examples/python_api.py [--model PATH] [--document examples/katrina-forecast.txt] [--budget 20%]
 
 The model is --model, else chosen as the CLI chooses it ($DYNKV_MODEL, the config file, the default model).
 """
@@ -19,9 +19,9 @@ HERE = Path(__file__).parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a model path or hub id [env: DYNKV_MODEL]")
-    ap.add_argument("--document", default=str(HERE / "haystack.txt"))
-    ap.add_argument("--question", default="What is the pass key?")
-    ap.add_argument("--budget", default="1%")
+    ap.add_argument("--document", default=str(HERE / "katrina-forecast.txt"))
+    ap.add_argument("--question", default="Who wrote the warning?")
+    ap.add_argument("--budget", default="20%")
     ap.add_argument("--method", default="dynamickv")
     args = ap.parse_args()
 
@@ -29,9 +29,10 @@ def main() -> None:
     engine = Engine(
         lm,
         CompressionSettings(method=args.method, budget=args.budget),
-        GenerationSettings(max_new_tokens=16, stop=["\n"]),
+        GenerationSettings(max_new_tokens=32, stop=["\n"]),
     )
-    prompt = TaskPrompt(after_document="\n{question}\nAnswer:", use_chat_template=False)
+    # the model's chat template around the document and the question, as the CLI's profiles do
+    prompt = TaskPrompt(before_document="Document:\n", after_document="\n\nQuestion: {question}")
     doc = engine.compress(Path(args.document).read_text(encoding="utf-8"), prompt, question=args.question)
     answer = engine.ask(doc, args.question)
     s = doc.stats
