@@ -697,7 +697,9 @@ def models(*, opts: Options) -> None:
     rows = [["name", "from", "kind", "arch", "layers", "heads/kv", "positions", "size", "path"]]
     for m in found:
         if m.error:
-            rows.append([m.name, m.origin, m.kind or "-", "-", "-", "-", "-", "-", f"{m.path or ''} ({m.error})".strip()])
+            rows.append(
+                [m.name, m.origin, m.kind or "-", "-", "-", "-", "-", "-", f"{m.path or ''} ({m.error})".strip()]
+            )
             continue
         kind = f"{m.kind} {m.quantization}".strip()
         rows.append(

@@ -84,7 +84,9 @@ def model_shape(config, name: str = "", weights: str = "") -> ModelShape:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return ModelShape(config.model_type, config.num_hidden_layers, kv, head_dim, heads, config.vocab_size, name, weights)
+    return ModelShape(
+        config.model_type, config.num_hidden_layers, kv, head_dim, heads, config.vocab_size, name, weights
+    )
 
 
 def folder_weights_id(path: Path) -> str:
@@ -165,9 +167,7 @@ def load_model(
     gguf_file = None
     if path.is_file():
         if not ggufmodel.is_gguf(path):
-            raise ModelLoadError(
-                f"{path} is not a model: give a folder made by save_pretrained or a .gguf model file"
-            )
+            raise ModelLoadError(f"{path} is not a model: give a folder made by save_pretrained or a .gguf model file")
         gguf_file = path
     elif path.is_dir() and not (path / "config.json").is_file():
         gguf_file = ggufmodel.find_gguf(path)
