@@ -166,6 +166,8 @@ def load_model(
     local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") and path.exists()
     gguf_file = None
     if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            ggufmodel.inspect_gguf(path)  # says why it is not a GGUF file
         if not ggufmodel.is_gguf(path):
             raise ModelLoadError(f"{path} is not a model: give a folder made by save_pretrained or a .gguf model file")
         gguf_file = path
