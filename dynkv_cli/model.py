@@ -166,9 +166,9 @@ def load_model(
     local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name.strip("/") and path.exists()
     gguf_file = None
     if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            ggufmodel.inspect_gguf(path)  # says why it is not a GGUF file
         if not ggufmodel.is_gguf(path):
+            if path.suffix.lower() == ".gguf":
+                ggufmodel.inspect_gguf(path)  # raises: says why it is not a GGUF file
             raise ModelLoadError(f"{path} is not a model: give a folder made by save_pretrained or a .gguf model file")
         gguf_file = path
     elif path.is_dir() and not (path / "config.json").is_file():
