@@ -11,6 +11,8 @@ Contracts:
 * A bad document is recorded with its error and the batch goes on. :attr:`BatchSummary.failed`
   counts the documents of this batch whose record is an error (from this run or an earlier one).
 * One batch at a time per output file (an exclusive lock on it).
+* ``out`` must not be an input or inside an input folder, and an existing ``out`` must be a batch
+  results file (or empty): anything else is refused before the first document.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .documents import Document, DocumentError, iter_documents
+from .documents import Document, DocumentError, iter_documents, skipped_files
 from .errors import DynkvError, UsageError
+from .outputs import check_output, replacing
 from .tasks import TaskResult, TaskRunner, failed
 
 QUESTION_FIELDS = ("question", "questions", "input")
@@ -39,6 +42,7 @@ class BatchSummary:
     failed: int = 0  # documents of this batch whose record is an error
     dropped_lines: int = 0  # torn or unreadable lines found in the output file
     failures: list[tuple[str, str]] = field(default_factory=list)  # (source, error) of this batch
+    skipped_files: list[str] = field(default_factory=list)  # files in input folders dynkv cannot read
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +53,7 @@ class BatchSummary:
             "skipped": self.skipped,
             "failed": self.failed,
             "dropped_lines": self.dropped_lines,
+            "skipped_files": self.skipped_files,
         }
 
 
@@ -123,8 +128,8 @@ class ResultsFile:
 
     def drop(self, sources: set[str]) -> None:
         """Rewrite the file without the records of ``sources`` (atomically: temp file, fsync, rename)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(self.path, "rb") as fh, open(tmp, "wb") as out:
+        old = self.fd
+        with replacing(self.path) as tmp, open(self.path, "rb") as fh, open(tmp, "wb") as out:
             for raw in fh:
                 try:
                     if json.loads(raw).get("source") in sources:
@@ -132,10 +137,6 @@ class ResultsFile:
                 except ValueError:
                     continue
                 out.write(raw)
-            out.flush()
-            os.fsync(out.fileno())
-        old = self.fd
-        os.replace(tmp, self.path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(old)
@@ -172,12 +173,23 @@ def run_batch(
     debug: bool = False,
     on_start: Callable[[int, int, str], None] | None = None,
     on_done: Callable[[int, int, TaskResult], None] | None = None,
+    on_skipped: Callable[[str, list[str]], None] | None = None,
 ) -> BatchSummary:
-    """Run ``task`` over every document of ``inputs`` into ``out`` (JSONL). See the module docstring."""
+    """Run ``task`` over every document of ``inputs`` into ``out`` (JSONL). See the module docstring.
+
+    ``out`` is checked first (:func:`~dynkv_cli.outputs.check_output`, kind "batch"): not an input,
+    not inside an input folder, empty or a batch results file. ``on_skipped(folder, files)`` is called
+    for each input folder with files dynkv cannot read (they are also in ``summary.skipped_files``).
+    """
     if task not in ("summarize", "qa", "rag"):
         raise UsageError(f"task {task!r} is not one of summarize, qa, rag")
+    check_output(out, inputs, kind="batch")
     items = list(iter_documents(list(inputs), pattern=pattern, password=password))
     summary = BatchSummary(Path(out), total=len(items))
+    for folder, files in skipped_files(list(inputs), pattern=pattern, ignore=[out]).items():
+        summary.skipped_files.extend(files)
+        if on_skipped:
+            on_skipped(folder, files)
     with ResultsFile(out) as results:
         summary.dropped_lines = results.dropped
         other = {r.get("task") for r in results.records.values()} - {task}

@@ -306,10 +306,10 @@ class CompressedCache(Cache):
             prefix_len=self.prefix_len,
             compactions=self.compactions,
         )
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"dynkv": json.dumps(meta)})
-        tmp.replace(path)
+        from .outputs import replacing
+
+        with replacing(path) as tmp:  # a crash leaves the old file or the new one, never half a file
+            save_file(tensors, str(tmp), metadata={"dynkv": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", dtype=None) -> tuple[CompressedCache, dict]:

@@ -26,8 +26,17 @@ except ImportError:  # pragma: no cover - older typer on top of click
 
 from . import __version__
 from .bench.cli import bench_app
-from .documents import Document, DocumentError, iter_documents, open_document, set_debug
+from .documents import (
+    Document,
+    DocumentError,
+    describe_skipped,
+    iter_documents,
+    open_document,
+    set_debug,
+    skipped_files,
+)
 from .errors import DynkvError, UsageError
+from .outputs import check_output, write_text
 
 # ---- errors and exit codes ------------------------------------------------------------------------
 
@@ -307,10 +316,7 @@ def _emit(lines: list[str], out: Path | None) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        try:
-            out.write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise DynkvError(f"cannot write {out}: {e.strerror}") from e
+        write_text(out, text)  # a temporary file renamed into place: never half a file
 
 
 def _warn(msg: str) -> None:
@@ -338,6 +344,10 @@ def _render_answers(result, many: bool) -> list[str]:
 OutOpt = Annotated[
     Path | None, typer.Option("--out", "-o", metavar="FILE", help="Write the result to this file instead of stdout.")
 ]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Overwrite --out if it exists (never an input; for compress: a .dkv cache).")
+]
+MkdirOpt = Annotated[bool, typer.Option("--mkdir", help="Create --out's folder if it does not exist.")]
 QuestionOpt = Annotated[
     list[str], typer.Option("--question", "-q", metavar="TEXT", help="A question (repeat for several).")
 ]
@@ -364,10 +374,14 @@ def summarize(
         typer.Argument(metavar="FILE...", help="Documents (text, Markdown, PDF, JSONL record, '-' for stdin)."),
     ],
     out: OutOpt = None,
+    force: ForceOpt = False,
+    mkdir: MkdirOpt = False,
     *,
     opts: Options,
 ) -> None:
     """Summarize each document with the profile's instruction (default profile: summarize)."""
+    if out is not None:
+        check_output(out, files, kind="text", force=force, mkdir=mkdir)
     profile = profile_for(opts, "summarize")
     view = _view(opts)
     stream = _stream_ok(opts, out) and len(files) == 1
@@ -415,12 +429,16 @@ def qa(
     question: QuestionOpt,
     separate: SeparateOpt = None,
     out: OutOpt = None,
+    force: ForceOpt = False,
+    mkdir: MkdirOpt = False,
     *,
     opts: Options,
 ) -> None:
     """Answer questions about one document (default profile: qa)."""
     if not question:
         raise UsageError("give at least one question with -q (see 'dynkv qa --help')")
+    if out is not None:
+        check_output(out, [file], kind="text", force=force, mkdir=mkdir)
     profile = profile_for(opts, "qa", _questions_mode(separate))
     many = len(question) > 1
     view, stream, runner = _question_runner(opts, profile, out, many)
@@ -477,15 +495,22 @@ def rag(
     ] = None,
     separate: SeparateOpt = None,
     out: OutOpt = None,
+    force: ForceOpt = False,
+    mkdir: MkdirOpt = False,
     *,
     opts: Options,
 ) -> None:
     """Answer from many documents read as one context, each passage marked with its source (profile: rag)."""
     if not question:
         raise UsageError("give at least one question with -q (see 'dynkv rag --help')")
+    if out is not None:
+        check_output(out, inputs, kind="text", force=force, mkdir=mkdir)
     profile = profile_for(opts, "rag", _questions_mode(separate))
     docs: list[Document] = []
-    for item in iter_documents(inputs, pattern=pattern, password=opts.password):
+    items = iter_documents(inputs, pattern=pattern, password=opts.password)  # raises for a missing input
+    for folder, files in skipped_files(inputs, pattern=pattern).items():
+        _warn(describe_skipped(folder, files))
+    for item in items:
         if isinstance(item, DocumentError):
             _warn(f"skipped: {item}")
         else:
@@ -531,16 +556,17 @@ def compress(
     probe: Annotated[
         str | None, typer.Option(metavar="TEXT", help="Text that observes each chunk (default: the profile's probe).")
     ] = None,
+    force: ForceOpt = False,
+    mkdir: MkdirOpt = False,
     *,
     opts: Options,
 ) -> None:
     """Compress a document once into a cache file; ask it questions later with `dynkv qa FILE.dkv`."""
+    check_output(out, [file], kind="cache", force=force, mkdir=mkdir)
     profile = profile_for(opts, "qa")
     view = _view(opts)
     runner = _runner(opts, profile, view, stream=False)
     doc = open_document(file, password=opts.password)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name like doc.dkv")
     with view:
         cdoc = runner.compress(doc, probe=probe or profile.probe)
     try:
@@ -600,6 +626,7 @@ def batch(
     ] = None,
     separate: SeparateOpt = None,
     retry_failed: Annotated[bool, typer.Option(help="Run documents recorded with an error again.")] = False,
+    mkdir: MkdirOpt = False,
     *,
     opts: Options,
 ) -> None:
@@ -608,6 +635,7 @@ def batch(
 
     if task not in ("summarize", "qa", "rag"):
         raise UsageError(f"--task {task!r} is not one of summarize, qa, rag")
+    check_output(out, inputs, kind="batch", mkdir=mkdir)
     profile = profile_for(opts, task, _questions_mode(separate))
     view = _view(opts)
     runner = _runner(opts, profile, view, stream=False)
@@ -636,6 +664,7 @@ def batch(
         debug=opts.debug,
         on_start=start,
         on_done=done,
+        on_skipped=lambda folder, files: _warn(describe_skipped(folder, files)),
     )
     if opts.json:
         _emit([json.dumps(summary.to_dict())], None)

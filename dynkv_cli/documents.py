@@ -37,9 +37,11 @@ __all__ = [
     "Document",
     "DocumentError",
     "Segment",
+    "describe_skipped",
     "iter_documents",
     "open_document",
     "set_debug",
+    "skipped_files",
 ]
 
 # .json is read as plain text (a model reads JSON well); records to read one by one go in .jsonl.
@@ -746,8 +748,58 @@ def _expand_inputs(inputs: Sequence[str | Path], pattern: str | None) -> list[tu
     return out
 
 
-def _walk_folder(root: Path, pattern: str | None) -> list[str]:
-    """Relative posix paths of matching files under root, natural order, hidden entries skipped."""
+def skipped_files(
+    inputs: Sequence[str | Path], *, pattern: str | None = None, ignore: Sequence[str | Path] = ()
+) -> dict[str, list[str]]:
+    """Files in the folder inputs that :func:`iter_documents` passes over because dynkv cannot read them.
+
+    Maps each folder (as given) to its skipped files (paths under it, natural order); folders with
+    none are left out. Hidden entries and the paths in ``ignore`` (e.g. the run's own output) are not
+    counted. With a ``pattern`` the user chose the files, so nothing is reported.
+    """
+    if pattern:
+        return {}
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    ignored = {os.path.realpath(p) for p in ignore}
+    seen: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for item in inputs:
+        root = Path(item)
+        if str(item) == "-" or not root.is_dir():
+            continue
+        passed: list[str] = []
+        _walk_folder(root, None, skipped=passed)
+        for rel in passed:
+            real = os.path.realpath(root / rel)
+            if real in ignored or real in seen:
+                continue
+            seen.add(real)
+            out.setdefault(str(item), []).append(str(root / rel))
+    return out
+
+
+def describe_skipped(folder: str, files: Sequence[str]) -> str:
+    """One line: how many files of ``folder`` were skipped, by kind ("2 .docx, 1 without a suffix")."""
+    kinds: dict[str, int] = {}
+    for f in files:
+        suffix = Path(f).suffix.lower()
+        kinds[suffix] = kinds.get(suffix, 0) + 1
+    parts = [
+        f"{n} {suffix or 'without a suffix'}"
+        for suffix, n in sorted(kinds.items(), key=lambda kv: (-kv[1], not kv[0], kv[0]))
+    ]
+    return (
+        f"skipped {len(files)} file(s) in {folder} that dynkv cannot read: {', '.join(parts)} "
+        "(convert them to PDF or plain text, or choose files with --pattern)"
+    )
+
+
+def _walk_folder(root: Path, pattern: str | None, skipped: list[str] | None = None) -> list[str]:
+    """Relative posix paths of matching files under root, natural order, hidden entries skipped.
+
+    Files passed over for their suffix (no pattern given) are appended to ``skipped`` when given.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -760,8 +812,13 @@ def _walk_folder(root: Path, pattern: str | None) -> list[str]:
                 ok = PurePosixPath(rel.lower()).match(pattern.lower())
             else:
                 ok = Path(name).suffix.lower() in ACCEPTED_SUFFIXES
-            if ok and os.path.isfile(os.path.join(dirpath, name)):
-                found.append(rel)
+            if os.path.isfile(os.path.join(dirpath, name)):
+                if ok:
+                    found.append(rel)
+                elif skipped is not None and not pattern:
+                    skipped.append(rel)
+    if skipped is not None:
+        skipped.sort(key=_natural_key)
     return sorted(found, key=_natural_key)
 
 
