@@ -174,6 +174,9 @@ def test_user_profile_from_config_dir(model, docs, isolated_config):
 
 
 def test_model_from_env_and_config_file(model, docs, isolated_config, monkeypatch):
+    from dynkv_cli import catalog
+
+    monkeypatch.setattr(catalog, "default_model_file", lambda: None)  # as if SmolLM2 were not installed
     r = invoke(["qa", docs[0], "-q", "k?", *FAST])
     assert r.exit_code == 2 and "no model given" in one_error_line(r)
     monkeypatch.setenv("DYNKV_MODEL", str(model))
