@@ -4,24 +4,51 @@ Contracts:
 
 * Each record is one line written with a single ``write`` to a file opened for appending, then
   flushed to disk (``fsync``) before the next document starts: a crash loses at most the document
-  being worked on, never a line already written.
-* Rerunning with the same ``--out`` skips every source that already has a record (done or failed;
-  ``retry_failed`` runs the failed ones again and drops their old lines). A torn last line (a crash
-  in the middle of a write) is cut off before anything is appended.
+  being worked on, never a line already written. SIGINT/SIGTERM wait until the line is whole.
+  A write that fails (disk full, file size limit) is undone (the file is cut back to its last whole
+  line) and raises :class:`DynkvError` saying how many documents are saved.
+* A record is identified by the document, not by how its path was spelled: ``doc_id`` is the
+  resolved path (``data.jsonl#12``: the resolved file + ``#12``) and ``doc_fingerprint`` is
+  :attr:`Document.fingerprint`. Records written before these fields existed are matched by
+  resolving their ``source`` (relative to the current folder). When the file holds several records
+  of one document, the last one counts.
+* Every record carries the settings that made it: ``model``, ``model_fingerprint``, ``method``,
+  ``budget``, ``profile``, ``settings`` (chunk size, generation settings, question mode, and hashes
+  of the prompt, the retention settings and the ``--question`` list) and ``settings_hash``.
+* Rerunning with the same ``--out`` skips every document that already has a record (done or failed),
+  except:
+
+  - a document whose content changed (same ``doc_id``, another fingerprint) is done again (a new
+    record is appended, an old error record is dropped; :attr:`BatchSummary.changed`);
+  - ``retry_failed`` runs the failed ones again and drops their old lines;
+  - a document done with other settings: the batch is refused before any work
+    (:class:`UsageError` naming the setting), unless ``redo_changed``: then it is done again
+    (appended; :attr:`BatchSummary.redone`). Only answered records are compared (an error record is
+    redone by ``retry_failed``); a field an old record lacks is not compared.
+
+  A torn last line (a crash in the middle of a write) is cut off before anything is appended.
 * A bad document is recorded with its error and the batch goes on. :attr:`BatchSummary.failed`
   counts the documents of this batch whose record is an error (from this run or an earlier one).
-* One batch at a time per output file (an exclusive lock on it).
+* One batch at a time per output file: :class:`BatchLock`, an exclusive ``flock`` on the hidden
+  sibling ``.NAME.lock`` (it holds the pid of the batch that writes; removed at the end). A second
+  batch fails at once with :class:`BatchLockedError` (exit code 1: nothing is wrong with the
+  command, it can run once the other one is done).
 * ``out`` must not be an input or inside an input folder, and an existing ``out`` must be a batch
   results file (or empty): anything else is refused before the first document.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
+import re
+import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 from .documents import Document, DocumentError, iter_documents, skipped_files
@@ -30,6 +57,9 @@ from .outputs import check_output, replacing
 from .tasks import TaskResult, TaskRunner, failed
 
 QUESTION_FIELDS = ("question", "questions", "input")
+_RECORD_SOURCE = re.compile(r"(.+\.jsonl)#(\d+)", flags=re.IGNORECASE)
+_os_write = os.write  # the calls that put a line on disk (a test makes them fail like a full disk)
+_os_fsync = os.fsync
 
 
 @dataclass
@@ -40,9 +70,12 @@ class BatchSummary:
     failed_now: int = 0  # processed now, with an error
     skipped: int = 0  # already in the output file
     failed: int = 0  # documents of this batch whose record is an error
+    changed: int = 0  # processed now because the document changed since its record was written
+    redone: int = 0  # processed now because its record was made with other settings (redo_changed)
     dropped_lines: int = 0  # torn or unreadable lines found in the output file
     failures: list[tuple[str, str]] = field(default_factory=list)  # (source, error) of this batch
     skipped_files: list[str] = field(default_factory=list)  # files in input folders dynkv cannot read
+    changed_sources: list[str] = field(default_factory=list)  # the documents counted in ``changed``
 
     def to_dict(self) -> dict:
         return {
@@ -52,19 +85,105 @@ class BatchSummary:
             "failed_now": self.failed_now,
             "skipped": self.skipped,
             "failed": self.failed,
+            "changed": self.changed,
+            "redone": self.redone,
             "dropped_lines": self.dropped_lines,
             "skipped_files": self.skipped_files,
         }
 
 
-class ResultsFile:
-    """The JSONL output: read what is there, repair a torn tail, append whole lines durably."""
+class BatchLockedError(DynkvError):
+    """Another ``dynkv batch`` is writing the same results file (exit code 1: try again later)."""
 
-    def __init__(self, path: str | Path):
+
+class BatchLock:
+    """An exclusive advisory lock for one results file: ``flock`` on ``.NAME.lock`` next to it.
+
+    The lock file holds the pid of the process that has the lock. :meth:`release` removes it; a
+    process that locked a lock file just removed by its previous holder notices (another inode at
+    the path) and locks the new one, so two processes never both hold the lock.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.path = self.out.parent / f".{self.out.name}.lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> BatchLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> BatchLock:
+        if self.fd is not None:
+            return self
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise DynkvError(f"cannot create the lock file {self.path}: {e.strerror}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                pid = _read_pid(fd)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise locked_error(self.out, pid) from None
+                raise DynkvError(f"cannot lock {self.path}: {e.strerror}") from e
+            try:
+                st = os.stat(self.path)
+                mine = os.fstat(fd)
+                same = (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed it as it let go: lock the file that is there now
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
+            return self
+        raise DynkvError(f"cannot lock {self.path}: it keeps being replaced; is another program writing there?")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still locked: nobody can hold a lock on the removed file
+        os.close(self.fd)
+        self.fd = None
+
+
+def locked_error(out: str | Path, pid: int | None) -> BatchLockedError:
+    who = f"pid {pid}" if pid else "pid unknown"
+    return BatchLockedError(
+        f"{out} is being written by another dynkv batch ({who}); wait for it or choose another --out"
+    )
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+class ResultsFile:
+    """The JSONL output: read what is there, repair a torn tail, append whole lines durably.
+
+    ``records`` maps each document's identity (:func:`record_key`) to its last record. Without a
+    ``lock`` the file takes its own :class:`BatchLock` (and lets it go on close).
+    """
+
+    def __init__(self, path: str | Path, lock: BatchLock | None = None):
         self.path = Path(path)
         self.fd: int | None = None
         self.records: dict[str, dict] = {}
         self.dropped = 0
+        self._lock = lock
+        self._own_lock: BatchLock | None = None
 
     def __enter__(self) -> ResultsFile:
         self.open()
@@ -78,24 +197,29 @@ class ResultsFile:
             raise UsageError(f"--out {self.path} is a folder; give a file name like results.jsonl")
         if self.path.parent and not self.path.parent.exists():
             raise UsageError(f"--out {self.path}: folder {self.path.parent} does not exist")
+        if self._lock is None:
+            self._own_lock = BatchLock(self.path).acquire()
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        except OSError as e:
-            raise DynkvError(f"cannot open {self.path} for writing: {e.strerror}") from e
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise DynkvError(
-                f"{self.path} is in use by another dynkv batch; wait for it or use another --out"
-            ) from None
-        self._load()
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            except OSError as e:
+                raise DynkvError(f"cannot open {self.path} for writing: {e.strerror}") from e
+            try:  # the results file itself too: earlier dynkv versions locked only that
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise locked_error(self.path, None) from None
+            self._load()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if self._own_lock is not None:
+            self._own_lock.release()
+            self._own_lock = None
 
     def _load(self) -> None:
         with open(self.path, "rb") as fh:
@@ -103,45 +227,253 @@ class ResultsFile:
         end = len(data)
         if data and not data.endswith(b"\n"):
             end = data.rfind(b"\n") + 1  # a torn last line: cut it off
-            os.ftruncate(self.fd, end)
-            os.fsync(self.fd)
+            try:
+                os.ftruncate(self.fd, end)
+                os.fsync(self.fd)
+            except OSError as e:
+                raise DynkvError(f"cannot repair the torn last line of {self.path}: {e.strerror}") from e
             self.dropped += 1
         for raw in data[:end].splitlines():
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw)
-                source = rec["source"]
-            except (ValueError, KeyError, TypeError):
+                key = record_key(rec)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 self.dropped += 1
                 continue
-            self.records[source] = rec
+            self.records[key] = rec  # the last record of a document wins
 
     def append(self, record: dict) -> None:
+        """Write ``record`` as one whole line and fsync it; on failure the file is cut back and OSError raised."""
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        view = memoryview(line)
-        while view:  # one write for a line in practice; loop only on a short write
-            n = os.write(self.fd, view)
-            view = view[n:]
-        os.fsync(self.fd)
-        self.records[record["source"]] = record
+        with _signals_held():
+            start = os.fstat(self.fd).st_size
+            try:
+                view = memoryview(line)
+                while view:  # one write for a line in practice; loop only on a short write
+                    n = _os_write(self.fd, view)
+                    view = view[n:]
+                _os_fsync(self.fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # no half line left behind (a rerun would cut it anyway)
+                    os.ftruncate(self.fd, start)
+                    os.fsync(self.fd)
+                raise
+        self.records[record_key(record)] = record
 
-    def drop(self, sources: set[str]) -> None:
-        """Rewrite the file without the records of ``sources`` (atomically: temp file, fsync, rename)."""
+    def drop(self, keys: set[str]) -> None:
+        """Rewrite the file without the records of ``keys`` (atomically: temp file, fsync, rename)."""
         old = self.fd
-        with replacing(self.path) as tmp, open(self.path, "rb") as fh, open(tmp, "wb") as out:
-            for raw in fh:
-                try:
-                    if json.loads(raw).get("source") in sources:
+        try:
+            with replacing(self.path) as tmp, open(self.path, "rb") as fh, open(tmp, "wb") as out:
+                for raw in fh:
+                    try:
+                        if record_key(json.loads(raw)) in keys:
+                            continue
+                    except (ValueError, KeyError, TypeError, AttributeError):
                         continue
-                except ValueError:
-                    continue
-                out.write(raw)
+                    out.write(raw)
+        except OSError as e:
+            raise DynkvError(f"cannot rewrite {self.path} without the failed records: {e.strerror or e}") from e
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(old)
-        for s in sources:
-            self.records.pop(s, None)
+        for k in keys:
+            self.records.pop(k, None)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM while a line is written: it is whole when the interrupt lands."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - platforms without it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# ---- identity and settings -------------------------------------------------------------------------
+
+
+def _real(path: str | Path) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def source_key(source: str) -> str:
+    """The identity of a document named ``source``: its resolved path (a JSONL record: file + ``#n``)."""
+    if not source or source.startswith("<"):  # <stdin>, <text>
+        return source
+    m = _RECORD_SOURCE.fullmatch(source)
+    if m and not os.path.exists(source):
+        return f"{_real(m.group(1))}#{m.group(2)}"
+    return _real(source)
+
+
+def item_key(item: Document | DocumentError) -> str:
+    """The identity of a batch item (see the module doc)."""
+    if isinstance(item, Document) and item.path is not None:
+        if item.kind == "jsonl-record":
+            m = re.search(r"#(\d+)$", item.source)
+            if m:
+                return f"{_real(item.path)}#{m.group(1)}"
+        return _real(item.path)
+    return source_key(_source(item))
+
+
+def record_key(rec: dict) -> str:
+    """The identity of a record: ``doc_id``, or for records without one, its resolved ``source``."""
+    key = rec.get("doc_id")
+    if isinstance(key, str) and key:
+        return key
+    source = rec["source"]
+    if not isinstance(source, str):
+        raise TypeError("source is not a string")
+    return source_key(source)
+
+
+def item_fingerprint(item: Document | DocumentError) -> str | None:
+    """:attr:`Document.fingerprint`; for a file that failed to open, the same hash of its path, size and mtime."""
+    if isinstance(item, Document):
+        return item.fingerprint
+    source = _source(item)
+    if not source or source.startswith("<") or (_RECORD_SOURCE.fullmatch(source) and not os.path.exists(source)):
+        return None  # stdin, a bad JSONL record: no content to tell a change by (--retry-failed redoes it)
+    try:
+        p = Path(source)
+        st = p.stat()
+        return hashlib.sha256(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def _digest(value) -> str:
+    if is_dataclass(value):
+        value = asdict(value)
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def batch_settings(runner: TaskRunner, task: str, questions: Sequence[str] = ()) -> dict:
+    """The settings that make a record's answer: stored in every record, compared on a rerun."""
+    p = runner.profile
+    lm = getattr(runner, "lm", None)
+    shape = getattr(lm, "shape", None)
+    gen = p.generation
+    engine = getattr(runner, "engine", None)
+    prompt = {"prompt": asdict(p.prompt) if is_dataclass(p.prompt) else str(p.prompt)}
+    if task == "summarize":
+        prompt["instruction"] = p.instruction
+    else:
+        prompt["probe"] = p.probe
+    if task == "rag":
+        prompt["passage_header"] = p.passage_header
+    settings = {
+        "chunk_size": getattr(engine, "chunk_size", None) or p.chunk_size,
+        "max_new_tokens": gen.max_new_tokens,
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "stop": list(gen.stop),
+        "seed": gen.seed,
+        "questions_mode": p.questions if task != "summarize" else None,
+        "questions": _digest(list(questions)) if questions else None,
+        "prompt": _digest(prompt),
+        "retention": _digest(p.retention),
+    }
+    return {
+        "model": getattr(lm, "name", "") or "",
+        "model_fingerprint": shape.fingerprint() if shape is not None else None,
+        "method": p.method,
+        "budget": str(p.budget),
+        "profile": p.name,
+        "settings_hash": _digest(settings),
+        "settings": settings,
+    }
+
+
+_FIELD_LABELS = {"method": "method", "budget": "budget", "profile": "profile"}
+_SETTING_LABELS = {
+    "chunk_size": "chunk size",
+    "max_new_tokens": "max new tokens",
+    "temperature": "temperature",
+    "top_p": "top-p",
+    "stop": "stop strings",
+    "seed": "seed",
+    "questions_mode": "questions mode",
+}
+_HASHED_LABELS = {
+    "questions": "other --question questions",
+    "prompt": "another prompt (the profile's prompt, instruction or probe)",
+    "retention": "other retention settings (the profile's)",
+}
+
+
+def _model_name(name) -> str:
+    return os.path.basename(str(name or "").rstrip("/\\")) or str(name or "")
+
+
+def differences(rec: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(what, the record's value, this run's value) for each setting that differs; fields ``rec`` lacks are not compared.
+
+    For hashed settings ``what`` is the whole phrase and the values are None.
+    """
+    out: list[tuple[str, object, object]] = []
+    old_fp = rec.get("model_fingerprint")
+    if old_fp and now.get("model_fingerprint"):
+        if old_fp != now["model_fingerprint"]:
+            if _model_name(rec.get("model")) != _model_name(now["model"]):
+                out.append(("model", rec.get("model"), now["model"]))
+            else:
+                out.append(("model weights (fingerprint)", old_fp, now["model_fingerprint"]))
+    elif rec.get("model") and now.get("model") and _model_name(rec["model"]) != _model_name(now["model"]):
+        out.append(("model", rec["model"], now["model"]))
+    for key, label in _FIELD_LABELS.items():
+        if rec.get(key) not in (None, "") and str(rec[key]) != str(now[key]):
+            out.append((label, rec[key], now[key]))
+    old_settings = rec.get("settings")
+    if isinstance(old_settings, dict):
+        for key, label in _SETTING_LABELS.items():
+            if key in old_settings and old_settings[key] != now["settings"].get(key):
+                out.append((label, old_settings[key], now["settings"].get(key)))
+        for key, phrase in _HASHED_LABELS.items():
+            if key in old_settings and old_settings[key] != now["settings"].get(key):
+                out.append((phrase, None, None))
+    elif rec.get("settings_hash") and rec["settings_hash"] != now["settings_hash"]:
+        out.append(("other prompt or generation settings", None, None))
+    return out
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def mismatch_message(out: str | Path, diffs: dict[str, list[tuple[str, object, object]]]) -> str:
+    """One line: which settings of ``out``'s records differ from this run's, for how many documents."""
+    olds: dict[str, list[str]] = {}
+    news: dict[str, str] = {}
+    for found in diffs.values():
+        for what, old, new in found:
+            shown = olds.setdefault(what, [])
+            if old is not None or new is not None:
+                if _show(old) not in shown:
+                    shown.append(_show(old))
+                news[what] = _show(new)
+    parts = []
+    for what, shown in olds.items():
+        parts.append(f"{what} {', '.join(shown)} (this run: {news[what]})" if what in news else what)
+    return (
+        f"{out} was made with {' and '.join(parts)} for {len(diffs)} document(s); "
+        "start a new --out file, or pass --redo-changed to redo them"
+    )
 
 
 def questions_for(doc: Document, questions: Sequence[str]) -> list[str]:
@@ -170,6 +502,8 @@ def run_batch(
     pattern: str | None = None,
     password: str | None = None,
     retry_failed: bool = False,
+    redo_changed: bool = False,
+    lock: BatchLock | None = None,
     debug: bool = False,
     on_start: Callable[[int, int, str], None] | None = None,
     on_done: Callable[[int, int, TaskResult], None] | None = None,
@@ -180,6 +514,8 @@ def run_batch(
     ``out`` is checked first (:func:`~dynkv_cli.outputs.check_output`, kind "batch"): not an input,
     not inside an input folder, empty or a batch results file. ``on_skipped(folder, files)`` is called
     for each input folder with files dynkv cannot read (they are also in ``summary.skipped_files``).
+    ``lock``: a :class:`BatchLock` of ``out`` the caller already holds (e.g. taken before loading
+    the model); without it the batch takes one itself.
     """
     if task not in ("summarize", "qa", "rag"):
         raise UsageError(f"task {task!r} is not one of summarize, qa, rag")
@@ -190,38 +526,89 @@ def run_batch(
         summary.skipped_files.extend(files)
         if on_skipped:
             on_skipped(folder, files)
-    with ResultsFile(out) as results:
+    now = batch_settings(runner, task, questions)
+    with ResultsFile(out, lock=lock) as results:
         summary.dropped_lines = results.dropped
         other = {r.get("task") for r in results.records.values()} - {task}
         if other:
             raise UsageError(
                 f"{out} already holds {', '.join(sorted(map(str, other)))} results; use another --out for --task {task}"
             )
-        sources = [_source(item) for item in items]
-        if retry_failed:
-            redo = {s for s in sources if s in results.records and results.records[s].get("error")}
-            if redo:
-                results.drop(redo)
-        for i, (item, source) in enumerate(zip(items, sources), start=1):
-            if source in results.records:
+        keys = [item_key(item) for item in items]
+        prints = [item_fingerprint(item) for item in items]
+        todo: dict[str, str] = {}  # key -> why: "new", "changed", "retry", "settings"
+        mismatched: dict[str, list] = {}
+        for item, key, fp in zip(items, keys, prints):
+            rec = results.records.get(key)
+            if rec is None:
+                todo[key] = "new"
+            elif fp and rec.get("doc_fingerprint") and rec["doc_fingerprint"] != fp:
+                todo[key] = "changed"
+                summary.changed_sources.append(_source(item))
+            elif rec.get("error"):
+                if retry_failed:
+                    todo[key] = "retry"
+            else:
+                diffs = differences(rec, now)
+                if diffs:
+                    mismatched[key] = diffs
+                    todo[key] = "settings"
+        if mismatched and not redo_changed:
+            raise UsageError(mismatch_message(out, mismatched))
+        redo = {
+            k for k, why in todo.items() if why == "retry" or (why == "changed" and results.records[k].get("error"))
+        }
+        if redo:
+            results.drop(redo)
+        saved = len(set(keys) & set(results.records))
+        for i, (item, key, fp) in enumerate(zip(items, keys, prints), start=1):
+            why = todo.get(key)
+            if why is None:
                 summary.skipped += 1
                 continue
             if on_start:
-                on_start(i, len(items), source)
+                on_start(i, len(items), _source(item))
             result = _run_one(runner, item, task, questions, debug)
-            results.append(result.to_dict())
+            record = result.to_dict()
+            record.update(now)
+            record["doc_id"] = key
+            record["doc_fingerprint"] = fp
+            try:
+                results.append(record)
+            except OSError as e:
+                raise DynkvError(_write_failed(out, e, saved)) from e
+            if key in redo or why == "new":
+                saved += 1
+            del todo[key]  # a document reached twice in one batch is done once
+            summary.changed += why == "changed"
+            summary.redone += why == "settings"
             if result.ok:
                 summary.done += 1
             else:
                 summary.failed_now += 1
             if on_done:
                 on_done(i, len(items), result)
-        for s in sources:
-            rec = results.records.get(s)
-            if rec is not None and rec.get("error"):
+        seen: set[str] = set()
+        for item, key in zip(items, keys):
+            rec = results.records.get(key)
+            if key not in seen and rec is not None and rec.get("error"):
+                seen.add(key)
                 summary.failed += 1
-                summary.failures.append((s, rec["error"]))
+                summary.failures.append((_source(item), rec["error"]))
     return summary
+
+
+def _write_failed(out: str | Path, e: OSError, saved: int) -> str:
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        fix = "free space"
+    elif e.errno == errno.EFBIG:
+        fix = "raise the file size limit (ulimit -f)"
+    else:
+        fix = "fix that"
+    return (
+        f"cannot write {out}: {reason}; {saved} document(s) are saved, {fix} and run the same command again to resume"
+    )
 
 
 def _source(item: Document | DocumentError) -> str:

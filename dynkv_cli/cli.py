@@ -606,7 +606,8 @@ def info(
     epilog="Examples:\n\n\b\n  dynkv batch reports/ --task summarize --out summaries.jsonl\n"
     "  dynkv batch 'data/*.pdf' --task qa -q \"Who is the author?\" --out authors.jsonl\n"
     "  dynkv batch longbench.jsonl --task qa --out answers.jsonl   # questions from each record\n\n"
-    "Rerun the same command to resume: documents already in --out are skipped. Exit code 1 if any failed."
+    "Rerun the same command to resume: documents already in --out are skipped (changed ones are done again; "
+    "other settings are refused unless --redo-changed). One batch per --out at a time. Exit code 1 if any failed."
 )
 @shared_options(*RUN_OPTS)
 def batch(
@@ -631,7 +632,7 @@ def batch(
     opts: Options,
 ) -> None:
     """Run a task over many documents: one JSON line per document, resumable, bad documents recorded."""
-    from .batch import run_batch
+    from .batch import BatchLock
 
     if task not in ("summarize", "qa", "rag"):
         raise UsageError(f"--task {task!r} is not one of summarize, qa, rag")
@@ -654,6 +655,10 @@ def batch(
 
     summary = run_batch(
         runner,
+    redo_changed: Annotated[
+        bool,
+        typer.Option(help="Redo documents whose record in --out was made with other settings (model, budget, ...)."),
+    ] = False,
         inputs,
         task,
         out,
@@ -665,7 +670,11 @@ def batch(
         on_start=start,
         on_done=done,
         on_skipped=lambda folder, files: _warn(describe_skipped(folder, files)),
-    )
+    lock = BatchLock(out).acquire()  # before the model loads: a second batch on --out fails at once
+    try:
+        summary = _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock)
+    finally:
+        lock.release()
     if opts.json:
         _emit([json.dumps(summary.to_dict())], None)
     if not opts.quiet:
@@ -674,9 +683,20 @@ def batch(
         _say(
             f"{summary.total} document(s): {summary.done} done now, {summary.skipped} already in {out}, "
             f"{summary.failed} failed"
+            + (f", {summary.changed} changed since their record (done again)" if summary.changed else "")
+            + (f", {summary.redone} redone with this run's settings" if summary.redone else "")
         )
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock):
+    from .batch import run_batch
+
+    )
+    for source in summary.changed_sources:
+        _warn(f"{source} changed since its record in {out} was written: done again")
+    return summary
 
 
 @app.command(
@@ -689,6 +709,8 @@ def batch(
 def profile_cmd(
     file: Annotated[str, typer.Argument(metavar="FILE", help="The document to measure.")],
     methods: Annotated[
+        redo_changed=redo_changed,
+        lock=lock,
         str | None,
         typer.Option(
             metavar="M1,M2", help="Comma-separated methods to compare (default: dynamickv,snapkv, or --method)."

@@ -114,7 +114,7 @@ def test_results_file_cuts_a_torn_line(tmp_path):
     out = tmp_path / "r.jsonl"
     out.write_bytes(b'{"source": "a", "task": "qa"}\n{"source": "b", "ta')
     with ResultsFile(out) as results:
-        assert list(results.records) == ["a"] and results.dropped == 1
+        assert [r["source"] for r in results.records.values()] == ["a"] and results.dropped == 1
         results.append({"source": "c", "task": "qa"})
     assert out.read_text().splitlines() == ['{"source": "a", "task": "qa"}', '{"source": "c", "task": "qa"}']
 
@@ -122,7 +122,7 @@ def test_results_file_cuts_a_torn_line(tmp_path):
 def test_results_file_is_locked(tmp_path):
     out = tmp_path / "r.jsonl"
     with ResultsFile(out):
-        with pytest.raises(Exception, match="in use by another dynkv batch"):
+        with pytest.raises(Exception, match="is being written by another dynkv batch"):
             ResultsFile(out).open()
 
 
@@ -162,3 +162,149 @@ def test_example_batch_script(model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "all documents summarized" in r.stdout
     assert len(jsonl(out)) == len(list((root / "examples" / "docs").iterdir()))
+
+
+# ---- identity, settings, lock ---------------------------------------------------------------------
+
+
+def two_docs(tmp_path):
+    folder = tmp_path / "in"
+    write_docs(folder, n=2, words=40)
+    return folder
+
+
+def test_rerun_by_another_spelling_of_the_path_adds_nothing(model, tmp_path, monkeypatch):
+    folder = two_docs(tmp_path)
+    (folder / "data.jsonl").write_text(json.dumps({"context": "The pass key is 7. " * 5}) + "\n")
+    (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    out = tmp_path / "results.jsonl"
+    r = batch(folder, out, model)
+    assert r.exit_code == 0, r.stderr
+    first = out.read_bytes()
+    recs = jsonl(out)
+    assert len(recs) == 3
+    assert {rec["doc_id"] for rec in recs} == {
+        str((folder / "doc1.txt").resolve()),
+        str((folder / "doc2.txt").resolve()),
+        f"{(folder / 'data.jsonl').resolve()}#1",
+    }
+    for rec in recs:
+        assert rec["doc_fingerprint"] and rec["model_fingerprint"] and rec["settings_hash"]
+        assert rec["budget"] and rec["method"] and rec["profile"] == "summarize"
+        assert rec["settings"]["max_new_tokens"] == 3 and rec["settings"]["chunk_size"] == 128
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("in", "./in", "in/", "link", str(tmp_path / "link"), "in/../in"):
+        r = batch(spelling, "results.jsonl", model, "--json")
+        assert r.exit_code == 0, (spelling, r.stderr)
+        assert json.loads(r.stdout)["skipped"] == 3, spelling
+    r = invoke(["batch", "./in/data.jsonl#1", "in/doc1.txt", "--task", "summarize", "--out", out, "--model", model,
+                "--quiet", "--json", *FAST])  # fmt: skip
+    assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] == 2, r.stderr
+    assert out.read_bytes() == first
+    assert not (tmp_path / ".results.jsonl.lock").exists()  # the lock file goes with the batch
+
+
+def test_old_records_without_identity_resume_by_source(model, tmp_path, monkeypatch):
+    """Records written before doc_id/settings existed: matched by their resolved source, not redone."""
+    folder = two_docs(tmp_path)
+    out = tmp_path / "results.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert batch("in", out, model).exit_code == 0
+    new_fields = ("doc_id", "doc_fingerprint", "model_fingerprint", "settings", "settings_hash")
+    old = [{k: v for k, v in rec.items() if k not in new_fields} for rec in jsonl(out)]
+    assert {rec["source"] for rec in old} == {"in/doc1.txt", "in/doc2.txt"}  # relative, as typed
+    out.write_text("".join(json.dumps(rec) + "\n" for rec in old))
+    r = batch(folder.resolve(), out, model, "--json")  # now spelled absolute
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["skipped"] == 2
+    assert jsonl(out) == old
+
+
+def test_other_settings_are_refused_before_any_work(model, tmp_path):
+    folder = two_docs(tmp_path)
+    out = tmp_path / "results.jsonl"
+    assert batch(folder, out, model, "--budget", "2%").exit_code == 0
+    first = out.read_bytes()
+    (folder / "doc3.txt").write_text("A third document, not done yet. " * 5)
+    r = batch(folder, out, model, "--budget", "5%")
+    assert r.exit_code == 2
+    assert one_error_line(r) == (
+        f"error: {out} was made with budget 2% (this run: 5%) for 2 document(s); "
+        "start a new --out file, or pass --redo-changed to redo them"
+    )
+    assert out.read_bytes() == first  # nothing done, not even the new document
+    r = batch(folder, out, model, "--budget", "2%", "--max-new-tokens", "2")
+    assert r.exit_code == 2
+    assert "max new tokens 3 (this run: 2) for 2 document(s)" in one_error_line(r)
+    r = batch(folder, out, model, "--budget", "5%", "--method", "snapkv")
+    assert "method dynamickv (this run: snapkv) and budget 2% (this run: 5%) for 2" in one_error_line(r)
+
+    r = batch(folder, out, model, "--budget", "5%", "--redo-changed", "--json")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert (summary["redone"], summary["done"], summary["skipped"]) == (2, 3, 0)
+    assert out.read_bytes().startswith(first)  # appended: the old lines are still there
+    recs = jsonl(out)
+    assert len(recs) == 5
+    last = {}
+    for rec in recs:
+        last[rec["doc_id"]] = rec  # the last record of a document is the one that counts
+    assert len(last) == 3 and all(rec["budget"] == "5%" for rec in last.values())
+    r = batch(folder, out, model, "--budget", "5%", "--json")  # the file now agrees with 5%
+    assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] == 3, r.stderr
+    assert len(jsonl(out)) == 5
+
+
+def test_changed_document_is_done_again(model, tmp_path):
+    folder = two_docs(tmp_path)
+    out = tmp_path / "results.jsonl"
+    assert batch(folder, out, model).exit_code == 0
+    doc = folder / "doc1.txt"
+    doc.write_text("New content. The pass key is 99.\n")
+    st = doc.stat()
+    import os
+
+    os.utime(doc, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a coarse clock still sees the change
+    r = invoke(["batch", folder, "--task", "summarize", "--out", out, "--model", model, *FAST])
+    assert r.exit_code == 0, r.stderr
+    assert f"warning: {doc} changed since its record in {out} was written: done again" in r.stderr
+    assert "1 changed since their record (done again)" in r.stderr
+    recs = jsonl(out)
+    assert [rec["source"] for rec in recs] == [str(folder / "doc1.txt"), str(folder / "doc2.txt"), str(doc)]
+    assert recs[0]["doc_fingerprint"] != recs[2]["doc_fingerprint"]
+
+
+LOCK_HOLDER = """
+import sys
+from dynkv_cli.batch import BatchLock
+lock = BatchLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.read()
+lock.release()
+"""
+
+
+def test_a_second_batch_on_the_same_out_fails_at_once(model, tmp_path):
+    import subprocess
+    import sys
+
+    folder = two_docs(tmp_path)
+    out = tmp_path / "results.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = batch(folder, out, model)
+        assert r.exit_code == 1
+        assert one_error_line(r) == (
+            f"error: {out} is being written by another dynkv batch (pid {holder.pid}); "
+            "wait for it or choose another --out"
+        )
+        assert not out.exists() or out.read_bytes() == b""
+    finally:
+        holder.communicate("", timeout=30)
+    assert holder.returncode == 0
+    r = batch(folder, out, model)
+    assert r.exit_code == 0, r.stderr
+    assert len(jsonl(out)) == 2
