@@ -627,6 +627,10 @@ def batch(
     ] = None,
     separate: SeparateOpt = None,
     retry_failed: Annotated[bool, typer.Option(help="Run documents recorded with an error again.")] = False,
+    redo_changed: Annotated[
+        bool,
+        typer.Option(help="Redo documents whose record in --out was made with other settings (model, budget, ...)."),
+    ] = False,
     mkdir: MkdirOpt = False,
     *,
     opts: Options,
@@ -638,38 +642,6 @@ def batch(
         raise UsageError(f"--task {task!r} is not one of summarize, qa, rag")
     check_output(out, inputs, kind="batch", mkdir=mkdir)
     profile = profile_for(opts, task, _questions_mode(separate))
-    view = _view(opts)
-    runner = _runner(opts, profile, view, stream=False)
-
-    def start(i: int, n: int, source: str) -> None:
-        view.start_document(i, n, source)
-
-    def done(i: int, n: int, result) -> None:
-        view.stop()
-        if opts.quiet:
-            return
-        if result.ok:
-            _say(f"[{i}/{n}] {result.source}: ok ({result.seconds:.1f} s)")
-        else:
-            _say(f"[{i}/{n}] {result.source}: failed: {result.error}")
-
-    summary = run_batch(
-        runner,
-    redo_changed: Annotated[
-        bool,
-        typer.Option(help="Redo documents whose record in --out was made with other settings (model, budget, ...)."),
-    ] = False,
-        inputs,
-        task,
-        out,
-        questions=question,
-        pattern=pattern,
-        password=opts.password,
-        retry_failed=retry_failed,
-        debug=opts.debug,
-        on_start=start,
-        on_done=done,
-        on_skipped=lambda folder, files: _warn(describe_skipped(folder, files)),
     lock = BatchLock(out).acquire()  # before the model loads: a second batch on --out fails at once
     try:
         summary = _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock)
@@ -693,6 +665,36 @@ def batch(
 def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock):
     from .batch import run_batch
 
+    view = _view(opts)
+    runner = _runner(opts, profile, view, stream=False)
+
+    def start(i: int, n: int, source: str) -> None:
+        view.start_document(i, n, source)
+
+    def done(i: int, n: int, result) -> None:
+        view.stop()
+        if opts.quiet:
+            return
+        if result.ok:
+            _say(f"[{i}/{n}] {result.source}: ok ({result.seconds:.1f} s)")
+        else:
+            _say(f"[{i}/{n}] {result.source}: failed: {result.error}")
+
+    summary = run_batch(
+        runner,
+        inputs,
+        task,
+        out,
+        questions=question,
+        pattern=pattern,
+        password=opts.password,
+        retry_failed=retry_failed,
+        redo_changed=redo_changed,
+        lock=lock,
+        debug=opts.debug,
+        on_start=start,
+        on_done=done,
+        on_skipped=lambda folder, files: _warn(describe_skipped(folder, files)),
     )
     for source in summary.changed_sources:
         _warn(f"{source} changed since its record in {out} was written: done again")
@@ -709,8 +711,6 @@ def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed
 def profile_cmd(
     file: Annotated[str, typer.Argument(metavar="FILE", help="The document to measure.")],
     methods: Annotated[
-        redo_changed=redo_changed,
-        lock=lock,
         str | None,
         typer.Option(
             metavar="M1,M2", help="Comma-separated methods to compare (default: dynamickv,snapkv, or --method)."
