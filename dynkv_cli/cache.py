@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,25 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .errors import CacheFileError
 
-FORMAT = "dynkv-cache/1"
+#: The format written now: ``/2`` adds a sha256 of every tensor's bytes to the header (``checksums``).
+FORMAT = "dynkv-cache/2"
+#: Written before checksums; still loaded (with a warning that it cannot be verified).
+FORMAT_V1 = "dynkv-cache/1"
+FORMATS = (FORMAT_V1, FORMAT)
+CHECKSUM = "sha256"
+
+#: torch dtype -> safetensors dtype name (what a cache holds: keys/values in the model dtype, int64, fp32)
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 class CompressedLayer(DynamicLayer):
@@ -283,9 +303,10 @@ class CompressedCache(Cache):
 
     # ---- files -------------------------------------------------------------------------------
     def save(self, path: str | Path, header: dict) -> None:
-        """Write tensors to a safetensors file; ``header`` (JSON) names model, method, budget, document."""
-        from safetensors.torch import save_file
+        """Write tensors to a safetensors file; ``header`` (JSON) names model, method, budget, document.
 
+        The header also holds the sha256 of every tensor's bytes (``checksums``), hashed as it is written.
+        """
         tensors = {}
         for i, layer in enumerate(self.layers):
             if layer.keys is None:
@@ -309,40 +330,78 @@ class CompressedCache(Cache):
         from .outputs import replacing
 
         with replacing(path) as tmp:  # a crash leaves the old file or the new one, never half a file
-            save_file(tensors, str(tmp), metadata={"dynkv": json.dumps(meta)})
+            _write_safetensors(tmp, tensors, meta)
 
-    @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu", dtype=None) -> tuple[CompressedCache, dict]:
-        """Read a cache file written by :meth:`save`. Returns the cache and its header."""
+    @staticmethod
+    def read_header(path: str | Path) -> dict:
+        """The JSON header of a cache file (no tensor is read). Raises :class:`CacheFileError`."""
         from safetensors import safe_open
 
-        path = Path(path)
-        if not path.is_file():
-            raise CacheFileError(f"{path}: no such cache file")
+        path = _existing(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = json.loads((f.metadata() or {}).get("dynkv", "{}"))
-                if meta.get("format") != FORMAT:
-                    raise CacheFileError(f"{path}: not a dynkv cache file (make one with `dynkv compress`)")
+        except Exception as e:  # safetensors raises several types on a bad file
+            raise CacheFileError(f"{path}: not a readable dynkv cache file ({type(e).__name__})") from e
+        if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+            raise CacheFileError(f"{path}: not a dynkv cache file (make one with `dynkv compress`)")
+        return meta
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype=None,
+        *,
+        shape: ModelShape | None = None,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> tuple[CompressedCache, dict]:
+        """Read a cache file written by :meth:`save`. Returns the cache and its header.
+
+        Before any tensor is read, the tensors' shapes and dtypes are checked against each other and,
+        given ``shape``, against the model (layers, KV heads, head dim). Every tensor's sha256 is checked
+        as it is read; a mismatch raises :class:`CacheFileError` naming the tensor. A file written before
+        checksums (``dynkv-cache/1``) loads, and ``on_warning`` is told it cannot be verified.
+        """
+        from safetensors import safe_open
+
+        path = _existing(path)
+        meta = cls.read_header(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                _check_layout(f, meta, path, shape)
+                sums = _checksums(f, meta, path)
+                if sums is None and on_warning is not None:
+                    on_warning(unverifiable(path))
                 cache = cls(int(meta["num_layers"]), ragged=bool(meta.get("ragged", False)))
                 names = set(f.keys())
+
+                def get(name: str) -> torch.Tensor:
+                    t = f.get_tensor(name)
+                    if sums is not None and _digest(t) != sums[name]:
+                        raise CacheFileError(damaged(path, name))
+                    return t
+
                 for i, layer in enumerate(cache.layers):
                     if f"layer.{i}.keys" not in names:
                         continue
-                    k = f.get_tensor(f"layer.{i}.keys")
-                    v = f.get_tensor(f"layer.{i}.values")
+                    k = get(f"layer.{i}.keys")
+                    v = get(f"layer.{i}.values")
                     if dtype is not None:
                         k, v = k.to(dtype), v.to(dtype)
                     if cache.ragged:
-                        lens = f.get_tensor(f"layer.{i}.lens").tolist()
+                        lens = get(f"layer.{i}.lens").tolist()
+                        if sum(lens) != k.shape[0] or min(lens, default=0) < 0:
+                            raise CacheFileError(f"{path} is damaged: layer {i}'s head counts do not add up")
                         layer.lazy_initialization(k[None, None], v[None, None])
                         layer.keys, layer.values, layer.lens = k.to(device), v.to(device), lens
                     else:
                         layer.lazy_initialization(k[None], v[None])
                         layer.keys = k[None].to(device)
                         layer.values = v[None].to(device)
-                    layer.positions = f.get_tensor(f"layer.{i}.positions").to(device)
-                    layer.scores = f.get_tensor(f"layer.{i}.scores").to(device)
+                    layer.positions = get(f"layer.{i}.positions").to(device)
+                    layer.scores = get(f"layer.{i}.scores").to(device)
         except CacheFileError:
             raise
         except Exception as e:  # safetensors raises several types on a bad file
@@ -351,3 +410,179 @@ class CompressedCache(Cache):
         cache.prefix_len = int(meta["prefix_len"])
         cache.compactions = int(meta.get("compactions", 0))
         return cache, meta
+
+
+# ---- the file format: safetensors, written here so each tensor is hashed as it is serialized ---------
+
+
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a flat uint8 array (no copy for a contiguous CPU tensor)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(_tensor_bytes(t)).hexdigest()
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``tensors`` as a safetensors file whose metadata ``dynkv`` is ``meta`` plus every tensor's sha256.
+
+    The header comes first in the file, so it is written with placeholder digests of the same length,
+    each tensor is hashed while it is written, and the header is written again over the first one.
+    """
+    entries, offset = {}, 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot store tensor {name} of dtype {t.dtype}")
+        n = t.numel() * t.element_size()
+        entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+
+    def header(sums: dict[str, str]) -> bytes:
+        head = dict(entries)
+        head["__metadata__"] = {"dynkv": json.dumps(dict(meta, checksum=CHECKSUM, checksums=sums))}
+        raw = json.dumps(head, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes with spaces
+
+    first = header({name: "0" * 64 for name in tensors})
+    sums = {}
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(first)))
+        fh.write(first)
+        for name, t in tensors.items():
+            buf = _tensor_bytes(t)
+            sums[name] = hashlib.sha256(buf).hexdigest()
+            fh.write(buf.data)
+        final = header(sums)
+        assert len(final) == len(first)
+        fh.seek(8)
+        fh.write(final)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise CacheFileError(f"{path} is a folder, not a cache file (make one with `dynkv compress`)")
+    if not path.is_file():
+        raise CacheFileError(f"{path}: no such cache file")
+    return path
+
+
+def damaged(path: Path, tensor: str) -> str:
+    return f"{path} is damaged: tensor {tensor} does not match its checksum; compress the document again"
+
+
+def unverifiable(path: Path) -> str:
+    return (
+        f"{path} was written by an older dynkv ({FORMAT_V1}) without checksums, so it cannot be verified; "
+        "compress the document again to get a verifiable file"
+    )
+
+
+def _checksums(f, meta: dict, path: Path) -> dict[str, str] | None:
+    """The header's checksum of every tensor; None for a file written before checksums."""
+    if meta.get("format") == FORMAT_V1:
+        return None
+    sums = meta.get("checksums")
+    if meta.get("checksum") != CHECKSUM or not isinstance(sums, dict):
+        raise CacheFileError(f"{path} is damaged: its header has no {CHECKSUM} checksums; compress the document again")
+    names = set(f.keys())
+    missing = sorted(names - set(sums))
+    if missing:
+        raise CacheFileError(f"{path} is damaged: tensor {missing[0]} has no checksum; compress the document again")
+    absent = sorted(set(sums) - names)
+    if absent:
+        raise CacheFileError(f"{path} is damaged: tensor {absent[0]} is missing; compress the document again")
+    return sums
+
+
+def _check_layout(f, meta: dict, path: Path, shape: ModelShape | None) -> None:
+    """Check the tensors' shapes and dtypes (safetensors header only) against each other and the model."""
+
+    def bad(what: str) -> CacheFileError:
+        return CacheFileError(f"{path} is damaged: {what}; compress the document again")
+
+    def other(what: str) -> CacheFileError:
+        model = f"model {shape.name!r}" if shape.name else "the model"
+        return CacheFileError(f"{path} does not match {model}: {what}; compress the document again with this model")
+
+    try:
+        num_layers = int(meta["num_layers"])
+        prefix_len = int(meta["prefix_len"])
+        int(meta["next_pos"])
+    except (KeyError, TypeError, ValueError):
+        raise bad("its header lacks num_layers, prefix_len or next_pos") from None
+    if shape is not None and num_layers != shape.num_layers:
+        raise other(f"the cache holds {num_layers} layers, the model has {shape.num_layers}")
+    ragged = bool(meta.get("ragged", False))
+    info = {}
+    for name in f.keys():
+        sl = f.get_slice(name)
+        info[name] = (list(sl.get_shape()), str(sl.get_dtype()))
+    parts = ("keys", "values", "positions", "scores") + (("lens",) if ragged else ())
+    expected = {f"layer.{i}.{p}" for i in range(num_layers) for p in parts}
+    extra = sorted(set(info) - expected)
+    if extra:
+        raise bad(f"tensor {extra[0]} is not part of a {num_layers}-layer cache")
+    for i in range(num_layers):
+        if f"layer.{i}.keys" not in info:
+            continue
+        missing = [p for p in parts if f"layer.{i}.{p}" not in info]
+        if missing:
+            raise bad(f"layer {i} has no {missing[0]} tensor")
+        (ks, kd), (vs, vd) = info[f"layer.{i}.keys"], info[f"layer.{i}.values"]
+        (ps, pd), (ss, sd) = info[f"layer.{i}.positions"], info[f"layer.{i}.scores"]
+        for p, d in (("keys", kd), ("values", vd), ("scores", sd)):
+            if d not in _FLOAT_DTYPES:
+                raise bad(f"tensor layer.{i}.{p} has dtype {d}, not a floating-point type")
+        if pd != "I64":
+            raise bad(f"tensor layer.{i}.positions has dtype {pd}, not I64")
+        rows = 2 if ragged else 3  # ragged: [T, d]; uniform: [G, n, d]
+        if len(ks) != rows or len(vs) != rows or ks[:-1] != vs[:-1] or ps != ks[:-1] or ss != ks[:-1]:
+            raise bad(f"layer {i}: keys {ks}, values {vs}, positions {ps} and scores {ss} do not fit together")
+        if ragged:
+            ls, ld = info[f"layer.{i}.lens"]
+            if ld != "I64" or len(ls) != 1:
+                raise bad(f"tensor layer.{i}.lens has shape {ls} and dtype {ld}, not one I64 count per KV head")
+            heads = ls[0]
+        else:
+            heads = ks[0]
+            if ks[1] < prefix_len:
+                raise bad(f"layer {i} holds {ks[1]} entries, fewer than its {prefix_len} prompt tokens")
+        if shape is not None:
+            if heads != shape.num_kv_heads:
+                raise other(f"layer {i} has {heads} KV heads, the model has {shape.num_kv_heads}")
+            if ks[-1] != shape.head_dim or vs[-1] != shape.head_dim:
+                raise other(f"layer {i} has head dim {ks[-1]} (values {vs[-1]}), the model has {shape.head_dim}")
+
+
+def verify_file(path: str | Path) -> int:
+    """Check a cache file without a model: layout, and every tensor against its checksum.
+
+    Returns the number of tensors checked; raises :class:`CacheFileError` (one line) on the first
+    problem, including a file written before checksums (it cannot be verified).
+    """
+    from safetensors import safe_open
+
+    path = _existing(path)
+    meta = CompressedCache.read_header(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            _check_layout(f, meta, path, None)
+            sums = _checksums(f, meta, path)
+            if sums is None:
+                raise CacheFileError(unverifiable(path))
+            for name in f.keys():  # one tensor in memory at a time
+                if _digest(f.get_tensor(name)) != sums[name]:
+                    raise CacheFileError(damaged(path, name))
+            if meta.get("ragged"):
+                for i in range(int(meta["num_layers"])):
+                    if f"layer.{i}.lens" in sums:
+                        lens = f.get_tensor(f"layer.{i}.lens")
+                        if int(lens.sum()) != f.get_slice(f"layer.{i}.keys").get_shape()[0] or bool((lens < 0).any()):
+                            raise CacheFileError(f"{path} is damaged: layer {i}'s head counts do not add up")
+            return len(sums)
+    except CacheFileError:
+        raise
+    except Exception as e:  # safetensors raises several types on a bad file
+        raise CacheFileError(f"{path}: not a readable dynkv cache file ({type(e).__name__})") from e

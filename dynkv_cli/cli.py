@@ -443,7 +443,7 @@ def qa(
     many = len(question) > 1
     view, stream, runner = _question_runner(opts, profile, out, many)
     if file.endswith(".dkv") and not Path(file).is_dir():
-        target = runner.engine.load(file)
+        target = runner.engine.load(file, on_warning=runner.hooks.warning or _warn)
     else:
         target = open_document(file, password=opts.password)
     with view:
@@ -585,21 +585,34 @@ def compress(
         )
 
 
-@app.command(epilog="Examples:\n\n\b\n  dynkv info book.dkv\n  dynkv info book.dkv --json | jq .stats")
+@app.command(
+    epilog="Examples:\n\n\b\n  dynkv info book.dkv\n  dynkv info book.dkv --json | jq .stats\n"
+    "  dynkv info book.dkv --verify   # exit code 1 if damaged"
+)
 @shared_options("json", "debug")
 def info(
     file: Annotated[Path, typer.Argument(metavar="FILE.dkv", help="A cache file made by `dynkv compress`.")],
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check every tensor against its checksum (no model needed).")
+    ] = False,
     *,
     opts: Options,
 ) -> None:
     """Show what is inside a compressed cache file (model, method, budget, document, sizes)."""
+    from .cache import verify_file
     from .report import cache_info, render_cache_info
 
     header = cache_info(file)
+    checked = verify_file(file) if verify else None  # raises CacheFileError: one error line, exit 1
     if opts.json:
+        if checked is not None:
+            header["verified_tensors"] = checked
         _emit([json.dumps(header, ensure_ascii=False)], None)
     else:
-        _emit([render_cache_info(file, header)], None)
+        lines = [render_cache_info(file, header)]
+        if checked is not None:
+            lines.append(f"verified: {checked} tensors, all checksums match")
+        _emit(lines, None)
 
 
 @app.command(

@@ -65,13 +65,19 @@ class RetentionSettings:
 
 @dataclass
 class GenerationSettings:
-    """Decoding: greedy when ``temperature == 0``; stop on EOS, a stop string or ``max_new_tokens``."""
+    """Decoding: greedy when ``temperature == 0``; stop on EOS, a stop string or ``max_new_tokens``.
+
+    ``repetition_guard``: ``{ngram: N, repeats: R}`` stops an answer whose tail is ``R`` back-to-back
+    copies of a span of ``N`` or more tokens (stop reason ``repetition``; the answer keeps the span
+    once), see :mod:`dynkv_cli.repetition`. None: off. A mapping may leave keys out (defaults 8, 3).
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    repetition_guard: dict | None = None
 
     def validate(self) -> GenerationSettings:
         if self.max_new_tokens < 1:
@@ -80,6 +86,9 @@ class GenerationSettings:
             raise UsageError(f"temperature must be >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1] (got {self.top_p})")
+        from .repetition import guard_settings
+
+        self.repetition_guard = guard_settings(self.repetition_guard)
         return self
 
 

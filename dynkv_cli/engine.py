@@ -36,6 +36,7 @@ from .methods.base import Candidates
 from .methods.mixkv import mix_scores
 from .model import LoadedModel, rotate_keys
 from .prompt import TaskPrompt, encode, prompt_ids
+from .repetition import find_loop, pending_repeat
 
 DEFAULT_PROBE = "Answer questions about the document above."
 #: Positions kept free after the document for a question and its prompt (besides max_new_tokens).
@@ -137,7 +138,7 @@ class Answer:
     question: str
     text: str
     token_ids: list[int]
-    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+    stop_reason: str  # "eos" | "stop_string" | "repetition" | "max_new_tokens"
     prompt_tokens: int
     first_token_seconds: float
     decode_seconds: float
@@ -590,6 +591,8 @@ class Engine:
             rng.manual_seed(gen.seed)
         out_ids: list[int] = []
         text, stop_reason, first_logits = "", "max_new_tokens", None
+        guard = gen.repetition_guard
+        shown = ""  # text given to on_token so far (a repetition that may become a loop is held back)
         t0 = time.perf_counter()
         t_first = 0.0
         try:
@@ -609,35 +612,58 @@ class Engine:
                         stop_reason = "eos"
                         break
                     out_ids.append(nxt)
+                    loop = find_loop(out_ids, guard["ngram"], guard["repeats"]) if guard else None
+                    if loop is not None:
+                        del out_ids[_loop_end(lm.tokenizer, out_ids, *loop) :]
+                        stop_reason = "repetition"
                     new_text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
                     cut = _stop_at(new_text, gen.stop)
                     if cut is not None:
                         new_text, stop_reason = new_text[:cut], "stop_string"
-                    if on_token and new_text.startswith(text) and len(new_text) > len(text):
-                        on_token(new_text[len(text) :])
                     text = new_text
+                    held = pending_repeat(out_ids, guard["ngram"]) if guard and stop_reason == "max_new_tokens" else 0
+                    if on_token:
+                        visible = text if not held else lm.tokenizer.decode(out_ids[:-held], skip_special_tokens=True)
+                        if visible.startswith(shown) and len(visible) > len(shown):
+                            on_token(visible[len(shown) :])
+                            shown = visible
                     if on_progress:
                         on_progress(Progress("decode", len(out_ids), gen.max_new_tokens, time.perf_counter() - t0))
-                    if stop_reason == "stop_string" or len(out_ids) >= gen.max_new_tokens:
+                    if stop_reason != "max_new_tokens" or len(out_ids) >= gen.max_new_tokens:
                         break
                     logits = self._forward([nxt], cache)
                     cache.next_pos += 1
         finally:
             cache.truncate(lengths)
             cache.next_pos = pos0
+        if on_token and text.startswith(shown) and len(text) > len(shown):  # what was held back
+            on_token(text[len(shown) :])
         total = time.perf_counter() - t0
         return Answer(question, text, out_ids, stop_reason, len(suffix), t_first, total - t_first, first_logits)
 
-    def load(self, path: str | Path) -> CompressedDocument:
-        """Load a cache saved by :meth:`CompressedDocument.save`; refuses a cache made with another model."""
-        cache, meta = CompressedCache.load(path, self.lm.device, self.lm.dtype)
+    def load(self, path: str | Path, *, on_warning: Callable[[str], None] | None = None) -> CompressedDocument:
+        """Load a cache saved by :meth:`CompressedDocument.save`; refuses a cache made with another model.
+
+        Before any tensor is read: the model fingerprint, then the tensors' shapes and dtypes against the
+        model (layers, KV heads, head dim). Every tensor is checked against its checksum as it is read
+        (:class:`CacheFileError` names a damaged one). A file written before checksums loads and
+        ``on_warning`` (default: :func:`warnings.warn`) is told it cannot be verified.
+        """
+        meta = CompressedCache.read_header(path)
         if meta.get("model_fingerprint") != self.lm.shape.fingerprint():
             raise CacheFileError(
                 f"{path} was compressed with model {meta.get('model')!r}, not {self.lm.name!r}; "
                 f"load it with --model {meta.get('model')}"
             )
-        if len(cache.layers) != self.lm.shape.num_layers:
-            raise CacheFileError(f"{path}: layer count does not match the model")
+        if on_warning is None:
+            import warnings
+
+            def on_warning(msg: str) -> None:
+                warnings.warn(msg, stacklevel=3)
+
+        cache, meta = CompressedCache.load(
+            path, self.lm.device, self.lm.dtype, shape=self.lm.shape, on_warning=on_warning
+        )
         s = dict(meta["settings"])
         s["retention"] = dataclass_from_dict(RetentionSettings, s["retention"], "retention")
         settings = dataclass_from_dict(CompressionSettings, s, "settings")
@@ -692,6 +718,26 @@ def _pick(logits: torch.Tensor, gen: GenerationSettings, rng: torch.Generator) -
         probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
         probs = probs / probs.sum()
     return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def _loop_end(tokenizer, ids: list[int], start: int, period: int) -> int:
+    """Where to cut a looping answer: after the repeated span said once, at the end of its sentence or line.
+
+    The span starts where the repetition began, which may be mid-sentence; if the span does not end a
+    sentence, the cut moves on (at most one span) to the next token that ends one.
+    """
+    end = start + period
+
+    def ends_sentence(i: int) -> bool:
+        piece = tokenizer.decode([ids[i]], skip_special_tokens=True).rstrip(" ")
+        return "\n" in piece or piece.endswith((".", "!", "?"))
+
+    if ends_sentence(end - 1):
+        return end
+    for i in range(end, min(end + period, len(ids))):
+        if ends_sentence(i):
+            return i + 1
+    return end
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:

@@ -175,6 +175,8 @@ def load_model(
         gguf_file = ggufmodel.find_gguf(path)
     if gguf_file is not None:
         folder, weights = ggufmodel.dequantized_folder(gguf_file, note)
+        if broken_weights(folder) is not None:  # a damaged conversion: made again, once
+            folder, weights = _convert_again(gguf_file, folder, note)
         src = str(folder)
     elif path.exists():
         _check_folder(path)
@@ -219,10 +221,13 @@ def load_model(
             trust_remote_code=trust_remote_code,
             attn_implementation=attention.ATTN_NAME,
         )
-    except ValueError as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
-    except OSError as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - a broken weights file raises SafetensorError, OSError, ...
+        broken = broken_weights(Path(src)) if Path(src).is_dir() else None
+        if broken is not None:
+            raise ModelLoadError(damaged_weights(*broken, gguf=gguf_file)) from e
+        if isinstance(e, (ValueError, OSError)):
+            raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+        raise
     model.to(dev).eval()
     inv_freq = rope_inv_freq(model)
     if inv_freq is None:
@@ -234,6 +239,55 @@ def load_model(
     shape = model_shape(config, name, weights)
     gguf = str(gguf_file) if gguf_file is not None else None
     return LoadedModel(model, tokenizer, dev, dt, name, shape, max_pos, inv_freq.to(dev), gguf)
+
+
+def broken_weights(folder: Path) -> tuple[Path, str] | None:
+    """The first ``*.safetensors`` file in ``folder`` whose header or size is wrong, and why; None if all open.
+
+    safetensors checks the header and that the file holds every byte its header names (a truncated file
+    fails); bytes overwritten inside the tensors are not detected.
+    """
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                fh.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+            return f, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
+
+
+def damaged_weights(path: Path, why: str, gguf: Path | None = None) -> str:
+    if gguf is not None:
+        return (
+            f"{path} is damaged or truncated ({why}) although it was just converted from {gguf}; "
+            f"delete {path.parent} and check the disk (free space?) and the GGUF file"
+        )
+    return f"{path} is damaged or truncated ({why}); download or save the model again"
+
+
+def _convert_again(gguf_file: Path, folder: Path, note: Callable[[str], None] | None) -> tuple[Path, str]:
+    """Delete a damaged dequantized conversion and convert the GGUF file again (once)."""
+    import shutil
+
+    from . import ggufmodel
+
+    broken, why = broken_weights(folder)
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        raise ModelLoadError(
+            f"{broken} is damaged or truncated ({why}) and cannot be deleted ({e.strerror}); delete {folder} "
+            f"and run again (it is converted again from {gguf_file})"
+        ) from e
+    if note:
+        note(f"{broken} was damaged or truncated ({why}); deleted {folder}, converting {gguf_file.name} again")
+    folder, weights = ggufmodel.dequantized_folder(gguf_file, note)
+    again = broken_weights(folder)
+    if again is not None:
+        raise ModelLoadError(damaged_weights(*again, gguf=gguf_file))
+    return folder, weights
 
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -238,7 +238,7 @@ def cache_info(path: str | Path) -> dict:
     """The JSON header of a cache file saved by :meth:`CompressedDocument.save` (tensors are not read)."""
     from safetensors import safe_open
 
-    from .cache import FORMAT
+    from .cache import FORMATS
 
     path = Path(path)
     if path.is_dir():
@@ -250,7 +250,7 @@ def cache_info(path: str | Path) -> dict:
             meta = json.loads((f.metadata() or {}).get("dynkv", "{}"))
     except Exception as e:  # safetensors raises several types on a bad file
         raise CacheFileError(f"{path}: not a readable dynkv cache file ({type(e).__name__})") from e
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in FORMATS:
         raise CacheFileError(f"{path}: not a dynkv cache file (make one with `dynkv compress`)")
     meta["file_bytes"] = path.stat().st_size
     return meta

@@ -249,12 +249,15 @@ def _check_type(value, annotation, key: str, origin: str):
             return str(value)  # e.g. budget: 128
         if part == "list[str]" and isinstance(value, list) and all(isinstance(x, str) for x in value):
             return list(value)
+        if part == "dict" and isinstance(value, dict):
+            return dict(value)  # checked by the settings' own validate()
     words = {
         "int": "an integer",
         "float": "a number",
         "str": "text",
         "bool": "true or false",
         "list[str]": "a list of text",
+        "dict": "a mapping",
     }
     want = " or ".join(words.get(p, p) for p in parts if p != "None")
     raise UsageError(f"profile {origin}: {key} must be {want} (got {value!r})")

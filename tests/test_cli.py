@@ -113,7 +113,7 @@ def test_compress_then_info_then_qa_from_the_cache(model, docs, tmp_path):
     assert info.exit_code == 0, info.stderr
     assert "dynamickv" in info.stdout and "kept tokens per layer" in info.stdout and str(docs[0]) in info.stdout
     header = json.loads(invoke(["info", dkv, "--json"]).stdout)
-    assert header["format"] == "dynkv-cache/1" and header["stats"]["doc_tokens"] > 0
+    assert header["format"] == "dynkv-cache/2" and header["stats"]["doc_tokens"] > 0
     qa = invoke(["qa", dkv, "-q", "What is the pass key?", "--model", model, "--json", "--max-new-tokens", "3"])
     assert qa.exit_code == 0, qa.stderr
     rec = json.loads(qa.stdout)
