@@ -161,6 +161,7 @@ class Options:
     budget: str | None = None
     chunk_size: int | None = None
     max_new_tokens: int | None = None
+    max_cache: str | None = None
     profile: str | None = None
     password: str | None = None
     quiet: bool = False
@@ -178,6 +179,7 @@ _SHARED = {
     "budget": (str | None, typer.Option("--budget", "-b", metavar="WORD", help="Cache budget: 1.7% of the document, 128 tokens/layer, or 512MiB.", rich_help_panel=_C)),
     "chunk_size": (int | None, typer.Option(metavar="TOKENS", help="Prefill chunk in tokens (default 1024 CPU, 4096 GPU).", rich_help_panel=_C)),
     "max_new_tokens": (int | None, typer.Option(metavar="TOKENS", help="Longest answer in tokens.", rich_help_panel=_C)),
+    "max_cache": (str | None, typer.Option(metavar="MEMORY", help="Refuse a budget whose cache needs more than this (2GiB; off: no limit; default: half the available memory, 80% of free GPU memory) [config: max_cache].", rich_help_panel=_C)),
     "profile": (str | None, typer.Option("--profile", "-p", metavar="NAME|FILE", help="Task profile name or path to a .yaml file.", rich_help_panel=_C)),
     "password": (str | None, typer.Option(metavar="TEXT", help="Password for encrypted PDFs.", rich_help_panel=_O)),
     "quiet": (bool, typer.Option("--quiet", help="No progress bars or notes on stderr.", rich_help_panel=_O)),
@@ -191,6 +193,7 @@ RUN_OPTS = (
     "budget",
     "chunk_size",
     "max_new_tokens",
+    "max_cache",
     "profile",
     "password",
     "quiet",
@@ -327,7 +330,19 @@ def _runner(opts: Options, profile, view, stream: bool):
     from .tasks import TaskRunner
 
     hooks = view.hooks(profile.generation.max_new_tokens, stream=stream, warn=_warn)
-    return TaskRunner(load(opts), profile, hooks)
+    max_cache = _max_cache(opts)  # a bad word fails before the model loads
+    return TaskRunner(load(opts), profile, hooks, max_cache=max_cache)
+
+
+def _max_cache(opts: Options) -> str | None:
+    """``--max-cache``, else the config file's ``max_cache``, else None (the engine's default share)."""
+    from .budget import parse_memory
+    from .userconfig import load_user_config
+
+    word = opts.max_cache if opts.max_cache is not None else load_user_config().max_cache
+    if word is not None:
+        parse_memory(word)  # a bad word is a usage error naming --max-cache
+    return word
 
 
 def _render_answers(result, many: bool) -> list[str]:

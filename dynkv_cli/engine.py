@@ -13,11 +13,12 @@ See ALGORITHMS.md sections 1-3. Everything the CLI does goes through :class:`Eng
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
-import itertools
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .budget import parse_budget
+from .budget import PERCENT_WARN_TOKENS, Budget, fitting_budget, format_bytes, parse_budget, parse_memory
 from .cache import CompressedCache
 from .config import CompressionSettings, GenerationSettings, RetentionSettings, dataclass_from_dict
-from .errors import CacheFileError, OutOfMemoryError, UsageError
+from .errors import CacheFileError, CacheTooLargeError, DynkvError, OutOfMemoryError, UsageError
 from .kernels import observation_scores
 from .methods import METHODS, Method
 from .methods.adakv import head_counts
@@ -41,6 +42,10 @@ from .repetition import find_loop, pending_repeat
 DEFAULT_PROBE = "Answer questions about the document above."
 #: Positions kept free after the document for a question and its prompt (besides max_new_tokens).
 QUESTION_ALLOWANCE = 256
+#: Without ``max_cache``, a cache may take this share of the memory available when reading starts
+#: (CPU: MemAvailable; CUDA: free device memory after the weights are loaded).
+CPU_MEMORY_SHARE = 0.5
+CUDA_MEMORY_SHARE = 0.8
 
 
 @dataclass
@@ -363,10 +368,16 @@ class Engine:
         lm: LoadedModel,
         settings: CompressionSettings | None = None,
         generation: GenerationSettings | None = None,
+        *,
+        max_cache: int | str | None = None,
     ):
+        """``max_cache``: the most bytes the cache may take (an int or a word like ``2GiB``; ``off``: no
+        limit). None: a share of the memory available when a document starts (see :meth:`memory_limit`)."""
         self.lm = lm
         self.settings = (settings or CompressionSettings()).validate()
         self.generation = (generation or GenerationSettings()).validate()
+        self.max_cache = max_cache
+        self._max_cache_bytes = parse_memory(max_cache) if max_cache is not None else None
 
     # ---- helpers ---------------------------------------------------------------------------------
     @property
@@ -390,10 +401,7 @@ class Engine:
                 **kwargs,
             )
         except torch.OutOfMemoryError as e:
-            raise OutOfMemoryError(
-                f"out of memory on {dev} with chunks of {self.chunk_size} tokens; "
-                "try a smaller --chunk-size or --budget"
-            ) from e
+            raise OutOfMemoryError(self._oom_advice(cache, len(ids))) from e
         finally:
             cache.pending_positions = None
         return out.logits[0, -1]
@@ -426,7 +434,14 @@ class Engine:
         return cls(self.settings.retention, budget_tokens or 0, shape.num_layers, shape.num_kv_heads)
 
     def _token_chunks(self, document, total: int | None) -> tuple[Iterator[list[int]], int | None]:
-        """Turn text, ids, or an iterable of text segments / id lists into chunks of token ids."""
+        """Turn text, ids, or an iterable of text segments / id lists into chunks of token ids.
+
+        Segments are encoded one at a time and never joined. When the length is needed up front (a
+        percentage or full budget, or the ``full`` method: the cache's size depends on it) and not
+        given, the ids are spooled to an unnamed temporary file as they are encoded (4 bytes a token)
+        and read back a chunk at a time: memory stays flat, the source is read once (a one-shot
+        iterable such as stdin or a generator works, a PDF page is extracted once).
+        """
         tok = self.lm.tokenizer
         if isinstance(document, str):
             ids = encode(tok, document)
@@ -436,10 +451,86 @@ class Engine:
         if isinstance(document, (list, tuple)) and (not document or isinstance(document[0], int)):
             return _chunked(iter([list(document)]), self.chunk_size), len(document)
         pieces = (encode(tok, p) if isinstance(p, str) else list(p) for p in document)
-        if total is None and parse_budget(self.settings.budget).kind == "percent":
-            ids = list(itertools.chain.from_iterable(pieces))  # ids only: the text itself is never held
-            return _chunked(iter([ids]), self.chunk_size), len(ids)
+        if total is None and self._needs_length():
+            spool, total = _spool_ids(pieces)
+            return _read_spool(spool, self.chunk_size), total
         return _chunked(pieces, self.chunk_size), total
+
+    def _needs_length(self) -> bool:
+        """Whether the cache's size depends on the document's length (so it is counted before reading)."""
+        kind = parse_budget(self.settings.budget).kind
+        return kind in ("percent", "full") or not METHODS[self.settings.method].compresses
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def memory_limit(self) -> tuple[int | None, str]:
+        """The most bytes a cache may take, and where that limit comes from (for messages).
+
+        ``max_cache`` when given (``off``: None, no limit); else a share of the memory available now:
+        ``CPU_MEMORY_SHARE`` of MemAvailable (/proc/meminfo) on CPU, ``CUDA_MEMORY_SHARE`` of the
+        device's free memory on CUDA; None where neither can be read.
+        """
+        if self.max_cache is not None:
+            return self._max_cache_bytes, "--max-cache"
+        dev = self.lm.device
+        if dev.type == "cuda":
+            try:
+                free, _ = torch.cuda.mem_get_info(dev)
+            except (RuntimeError, AssertionError):
+                return None, ""
+            return int(free * CUDA_MEMORY_SHARE), f"{CUDA_MEMORY_SHARE:.0%} of the free GPU memory; --max-cache sets it"
+        avail = _mem_available()
+        if avail is None:
+            return None, ""
+        return int(avail * CPU_MEMORY_SHARE), f"{CPU_MEMORY_SHARE:.0%} of the available memory; --max-cache sets it"
+
+    def _what_keeps(self, budget: Budget, total: int | None, kept: int) -> str:
+        """``a 2% budget of this 10,485,760-token document keeps 209,716 tokens per layer``."""
+        doc = f"this {total:,}-token document" if total is not None else "this document"
+        if budget.kind == "full" or not METHODS[self.settings.method].compresses:
+            return f"a full cache of {doc} keeps all {kept:,} tokens per layer"
+        return f"a {budget} budget of {doc} keeps {kept:,} tokens per layer"
+
+    def _check_memory(self, budget: Budget, total: int | None, kept: int, extra: int) -> None:
+        """Refuse (before the first chunk) a cache of ``kept`` tokens per layer (+ ``extra`` tokens of
+        prefix, chunk and probe while a chunk is read) that would not fit :meth:`memory_limit`."""
+        limit, where = self.memory_limit()
+        if limit is None:
+            return
+        bpt = self.lm.cache_bytes_per_token()
+        need = (kept + extra) * bpt
+        if need <= limit:
+            return
+        fit = fitting_budget(limit, bpt, extra)
+        advice = (
+            f"use --budget {fit} or less"
+            if fit
+            else f"even a chunk of {self.chunk_size} tokens does not fit: use a smaller --chunk-size or a larger --max-cache"
+        )
+        raise CacheTooLargeError(
+            f"{self._what_keeps(budget, total, kept)}, a {format_bytes(need)} cache; "
+            f"this machine allows {format_bytes(limit)} ({where}): {advice}"
+        )
+
+    def _oom_advice(self, cache: CompressedCache, n_ids: int) -> str:
+        """What an out-of-memory in the middle of a pass says: the size it reached and a budget that fits."""
+        dev = self.lm.device
+        bpt = self.lm.cache_bytes_per_token()
+        held = cache.bytes_used()
+        msg = (
+            f"out of memory on {dev} with a {format_bytes(held)} cache and a pass of {n_ids:,} tokens "
+            f"(chunks of {self.chunk_size})"
+        )
+        if dev.type == "cuda":
+            try:
+                free, share = torch.cuda.mem_get_info(dev)[0], CUDA_MEMORY_SHARE
+            except (RuntimeError, AssertionError):
+                free, share = 0, CUDA_MEMORY_SHARE
+        else:
+            free, share = _mem_available() or 0, CPU_MEMORY_SHARE
+        fit = fitting_budget(int((held + free) * share), bpt, n_ids)
+        if fit:
+            return f"{msg}; use --budget {fit} or less, or a smaller --chunk-size"
+        return f"{msg}; try a smaller --chunk-size or --budget"
 
     # ---- API -------------------------------------------------------------------------------------
     def compress(
@@ -453,6 +544,7 @@ class Engine:
         fingerprint: str | None = None,
         source: str = "",
         on_progress: Callable[[Progress], None] | None = None,
+        on_warning: Callable[[str], None] | None = None,
     ) -> CompressedDocument:
         """Stream ``document`` through the model in chunks into a compressed cache.
 
@@ -462,7 +554,12 @@ class Engine:
             question / probe: the probe text that observes each chunk (probe wins; default: the question,
                 else a generic instruction). Ignored with ``observation: tail``.
             total_tokens: the document's length in tokens when known (a percentage budget needs it;
-                without it the ids are collected first).
+                without it the ids are spooled to a temporary file first, see :meth:`_token_chunks`).
+            on_warning: called with a one-line warning (a percentage budget that makes a large cache).
+
+        Raises:
+            CacheTooLargeError: before the first chunk, when the cache would not fit :meth:`memory_limit`.
+            OutOfMemoryError: the device ran out of memory anyway (with the size and a budget that fits).
         """
         prompt = prompt or TaskPrompt()
         settings, lm = self.settings, self.lm
@@ -482,6 +579,18 @@ class Engine:
                 raise UsageError("the probe is empty: give a question or a probe text")
         window = settings.retention.window
         reserve = max(min(QUESTION_ALLOWANCE, lm.max_positions // 8), len(probe_ids)) + self.generation.max_new_tokens
+        prefix = prompt_ids(lm.tokenizer, prompt, question or "").prefix
+        kept = B if method.compresses else total
+        if kept is not None:
+            if total is not None:
+                kept = min(kept, total)
+            self._check_memory(budget, total, kept, len(prefix) + self.chunk_size + len(probe_ids))
+            if on_warning and budget.kind == "percent" and method.compresses and kept > PERCENT_WARN_TOKENS:
+                on_warning(
+                    f"{self._what_keeps(budget, total, kept)}, a {format_bytes(kept * lm.cache_bytes_per_token())} "
+                    f"cache, not a small one (reading it takes long): a fixed budget such as --budget "
+                    f"{PERCENT_WARN_TOKENS // 2} keeps it small"
+                )
 
         dev = lm.device
         if dev.type == "cuda":
@@ -492,7 +601,6 @@ class Engine:
         t_start = time.perf_counter()
         score_s, n_chunks, seen = 0.0, 0, 0
         with torch.inference_mode():
-            prefix = prompt_ids(lm.tokenizer, prompt, question or "").prefix
             if prefix:
                 self._forward(prefix, cache)
                 cache.next_pos = len(prefix)
@@ -695,6 +803,63 @@ def _chunked(pieces: Iterable[list[int]], size: int) -> Iterator[list[int]]:
         buf = buf[n:]
     if buf:
         yield buf
+
+
+#: array typecode of spooled token ids (4 bytes: every tokenizer's ids fit)
+_SPOOL_TYPE = "i"
+
+
+def _spool_ids(pieces: Iterable[list[int]]):
+    """Write id lists to an unnamed temporary file (no name to clean up); returns it, rewound, and the count."""
+    try:
+        spool = tempfile.TemporaryFile(prefix="dynkv-ids-")
+    except OSError as e:
+        raise DynkvError(f"cannot create a temporary file to count the document's tokens: {e.strerror}") from e
+    n = 0
+    try:
+        for p in pieces:
+            a = array.array(_SPOOL_TYPE, p)
+            a.tofile(spool)
+            n += len(a)
+        spool.flush()
+        spool.seek(0)
+    except OSError as e:
+        spool.close()
+        raise DynkvError(
+            f"cannot write the document's token ids to a temporary file ({e.strerror}); "
+            "free space in the temporary folder (TMPDIR) or give --budget in tokens"
+        ) from e
+    except BaseException:
+        spool.close()
+        raise
+    return spool, n
+
+
+def _read_spool(spool, size: int) -> Iterator[list[int]]:
+    """Read a spool back ``size`` ids at a time; the file is closed (and gone) at the end."""
+    width = array.array(_SPOOL_TYPE).itemsize
+    try:
+        while True:
+            data = spool.read(size * width)
+            if not data:
+                return
+            a = array.array(_SPOOL_TYPE)
+            a.frombytes(data)
+            yield a.tolist()
+    finally:
+        spool.close()
+
+
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _eos_ids(lm: LoadedModel) -> set[int]:

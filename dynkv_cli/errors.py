@@ -29,3 +29,7 @@ class CacheFileError(DynkvError):
 
 class OutOfMemoryError(DynkvError):
     """The device ran out of memory."""
+
+
+class CacheTooLargeError(UsageError):
+    """The budget's cache would not fit the memory limit (refused before reading; exit code 2)."""

@@ -61,6 +61,8 @@ class TaskResult:
     sources: list[str] = field(default_factory=list)  # rag: passage i+1 came from sources[i]
     error: str | None = None
     error_type: str | None = None
+    compactions: int = 0  # times the positions were compressed (compact mode: longer than max_positions)
+    max_positions: int | None = None  # the model's positions
 
     @property
     def ok(self) -> bool:
@@ -105,6 +107,8 @@ class TaskResult:
             "decode_seconds": round(sum(a.decode_seconds + a.first_token_seconds for a in self.answers), 4),
             "seconds": round(self.seconds, 4),
             "peak_memory_bytes": s.peak_memory_bytes if s else None,
+            "compactions": self.compactions,
+            "max_positions": self.max_positions,
             "warnings": self.warnings,
             "error": self.error,
         }
@@ -124,10 +128,13 @@ def failed(source: str, task: str, profile: str, err: BaseException) -> TaskResu
 class TaskRunner:
     """Runs tasks with one loaded model and one profile (flags already applied to the profile)."""
 
-    def __init__(self, lm: LoadedModel, profile: Profile, hooks: Hooks | None = None):
+    def __init__(
+        self, lm: LoadedModel, profile: Profile, hooks: Hooks | None = None, *, max_cache: int | str | None = None
+    ):
+        """``max_cache``: the most bytes a cache may take (``2GiB``; ``off``); None: see Engine.memory_limit."""
         self.lm = lm
         self.profile = profile
-        self.engine = Engine(lm, profile.compression(), profile.generation)
+        self.engine = Engine(lm, profile.compression(), profile.generation, max_cache=max_cache)
         self.hooks = hooks or Hooks()
 
     # ---- pieces --------------------------------------------------------------------------------
@@ -139,6 +146,28 @@ class TaskRunner:
             model=self.lm.name,
             method=self.profile.method,
             budget=self.profile.budget,
+            max_positions=self.lm.max_positions,
+        )
+
+    def _note(self, result: TaskResult, msg: str) -> None:
+        """A warning of the task itself (not of a document), recorded once and shown once."""
+        if msg in result.warnings:
+            return
+        result.warnings.append(msg)
+        if self.hooks.warning:
+            self.hooks.warning(msg)
+
+    def _compacted(self, result: TaskResult, stats: CompressStats) -> None:
+        """Record compact mode (the document did not fit the model's positions) on the result."""
+        result.compactions = max(result.compactions, stats.compactions)
+        if not stats.compactions:
+            return
+        n, m = stats.doc_tokens, self.lm.max_positions
+        where = "is longer than" if n > m else "with the prompt does not fit"
+        self._note(
+            result,
+            f"the document ({n:,} tokens) {where} the model's {m:,} positions; "
+            f"read in compact mode (positions compressed {stats.compactions} time(s))",
         )
 
     def _warn(self, result: TaskResult, doc: Document, seen: int) -> int:
@@ -163,16 +192,29 @@ class TaskRunner:
         result = result or self._result(doc.source, self.profile.task)
         seen = self._warn(result, doc, 0)
         segments = (s.text for s in doc.segments())
-        cdoc = self._compress_segments(segments, doc.fingerprint, doc.source, question, probe)
+        cdoc = self._compress_segments(segments, doc.fingerprint, doc.source, question, probe, result)
         self._warn(result, doc, seen)
+        self._compacted(result, cdoc.stats)
         result.stats = cdoc.stats
         result.passes += 1
         result.prefill_seconds += cdoc.stats.prefill_seconds
         return cdoc
 
     def _compress_segments(
-        self, segments, fingerprint: str | None, source: str, question: str | None, probe: str | None
+        self,
+        segments,
+        fingerprint: str | None,
+        source: str,
+        question: str | None,
+        probe: str | None,
+        result: TaskResult | None = None,
     ) -> CompressedDocument:
+        def warn(msg: str) -> None:
+            if result is not None:
+                self._note(result, f"{source}: {msg}")
+            elif self.hooks.warning:
+                self.hooks.warning(f"{source}: {msg}")
+
         return self.engine.compress(
             segments,
             self.profile.prompt,
@@ -181,6 +223,7 @@ class TaskRunner:
             fingerprint=fingerprint,
             source=source,
             on_progress=self.hooks.progress,
+            on_warning=warn,
         )
 
     def ask(self, cdoc: CompressedDocument, question: str) -> Answer:
@@ -207,6 +250,7 @@ class TaskRunner:
         if isinstance(doc, CompressedDocument):
             result = self._result(doc.source, "qa")
             result.stats, result.method, result.budget = doc.stats, doc.stats.method, doc.settings.budget
+            self._compacted(result, doc.stats)
             for q in questions:
                 result.answers.append(self.ask(doc, q))
         elif self.profile.questions == "separate" or len(questions) == 1:
@@ -249,7 +293,8 @@ class TaskRunner:
             if self.hooks.phase:
                 self.hooks.phase("compress", name)
             result.warnings.clear()
-            cdoc = self._compress_segments(passages(), fingerprint, name, q, probe)
+            cdoc = self._compress_segments(passages(), fingerprint, name, q, probe, result)
+            self._compacted(result, cdoc.stats)
             result.stats = cdoc.stats
             result.passes += 1
             result.prefill_seconds += cdoc.stats.prefill_seconds

@@ -8,6 +8,7 @@ Example ``config.yaml``::
     device: cuda
     dtype: bf16
     trust_remote_code: false
+    max_cache: 4GiB                       # the largest cache a budget may make (--max-cache; off: no limit)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class UserConfig:
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
+    max_cache: str | None = None
 
 
 def config_path() -> Path:
@@ -49,7 +51,9 @@ def load_user_config() -> UserConfig:
     unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    for k in ("model", "device", "dtype"):
+    if data.get("max_cache") is False:  # YAML reads `max_cache: off` as false
+        data["max_cache"] = "off"
+    for k in ("model", "device", "dtype", "max_cache"):
         if data.get(k) is not None:
             data[k] = str(data[k])
     if not isinstance(data.get("trust_remote_code", False), bool):
