@@ -92,6 +92,15 @@ class BatchSummary:
         }
 
 
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a batch: ``saved`` documents of the batch have their line in ``out``."""
+
+    def __init__(self, out: str | Path, saved: int):
+        super().__init__(f"interrupted; {saved} document(s) are saved in {out}")
+        self.out = out
+        self.saved = saved
+
+
 class BatchLockedError(DynkvError):
     """Another ``dynkv batch`` is writing the same results file (exit code 1: try again later)."""
 
@@ -260,7 +269,7 @@ class ResultsFile:
                     os.ftruncate(self.fd, start)
                     os.fsync(self.fd)
                 raise
-        self.records[record_key(record)] = record
+            self.records[record_key(record)] = record  # before an interrupt held meanwhile lands
 
     def drop(self, keys: set[str]) -> None:
         """Rewrite the file without the records of ``keys`` (atomically: temp file, fsync, rename)."""
@@ -560,34 +569,35 @@ def run_batch(
         }
         if redo:
             results.drop(redo)
-        saved = len(set(keys) & set(results.records))
-        for i, (item, key, fp) in enumerate(zip(items, keys, prints), start=1):
-            why = todo.get(key)
-            if why is None:
-                summary.skipped += 1
-                continue
-            if on_start:
-                on_start(i, len(items), _source(item))
-            result = _run_one(runner, item, task, questions, debug)
-            record = result.to_dict()
-            record.update(now)
-            record["doc_id"] = key
-            record["doc_fingerprint"] = fp
-            try:
-                results.append(record)
-            except OSError as e:
-                raise DynkvError(_write_failed(out, e, saved)) from e
-            if key in redo or why == "new":
-                saved += 1
-            del todo[key]  # a document reached twice in one batch is done once
-            summary.changed += why == "changed"
-            summary.redone += why == "settings"
-            if result.ok:
-                summary.done += 1
-            else:
-                summary.failed_now += 1
-            if on_done:
-                on_done(i, len(items), result)
+        batch_keys = set(keys)
+        try:
+            for i, (item, key, fp) in enumerate(zip(items, keys, prints), start=1):
+                why = todo.get(key)
+                if why is None:
+                    summary.skipped += 1
+                    continue
+                if on_start:
+                    on_start(i, len(items), _source(item))
+                result = _run_one(runner, item, task, questions, debug)
+                record = result.to_dict()
+                record.update(now)
+                record["doc_id"] = key
+                record["doc_fingerprint"] = fp
+                try:
+                    results.append(record)
+                except OSError as e:
+                    raise DynkvError(_write_failed(out, e, len(batch_keys & results.records.keys()))) from e
+                del todo[key]  # a document reached twice in one batch is done once
+                summary.changed += why == "changed"
+                summary.redone += why == "settings"
+                if result.ok:
+                    summary.done += 1
+                else:
+                    summary.failed_now += 1
+                if on_done:
+                    on_done(i, len(items), result)
+        except KeyboardInterrupt:
+            raise BatchInterrupted(out, len(batch_keys & results.records.keys())) from None
         seen: set[str] = set()
         for item, key in zip(items, keys):
             rec = results.records.get(key)

@@ -664,7 +664,7 @@ def batch(
     opts: Options,
 ) -> None:
     """Run a task over many documents: one JSON line per document, resumable, bad documents recorded."""
-    from .batch import BatchLock
+    from .batch import BatchInterrupted, BatchLock
 
     if task not in ("summarize", "qa", "rag"):
         raise UsageError(f"--task {task!r} is not one of summarize, qa, rag")
@@ -673,6 +673,9 @@ def batch(
     lock = BatchLock(out).acquire()  # before the model loads: a second batch on --out fails at once
     try:
         summary = _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock)
+    except BatchInterrupted as e:  # Ctrl-C: say what is kept (typer would exit 130 silently)
+        _say(f"error: interrupted; {e.saved} document(s) are saved in {out}, run the same command again to resume")
+        raise typer.Exit(130) from None
     finally:
         lock.release()
     if opts.json:

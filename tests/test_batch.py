@@ -55,6 +55,9 @@ def test_resume_after_a_crash_mid_batch(folder, model, tmp_path, monkeypatch):
     monkeypatch.setattr(tasks.TaskRunner, "summarize", crashing)
     r = batch(folder, out, model)
     assert r.exit_code == 130
+    assert one_error_line(r) == (
+        f"error: interrupted; 2 document(s) are saved in {out}, run the same command again to resume"
+    )
     first = out.read_bytes()
     assert first.count(b"\n") == 2  # bad.txt (sorted first) and doc1.txt, each a whole line
     # a crash in the middle of writing the next line leaves a torn tail
