@@ -729,8 +729,9 @@ class Engine:
                     if cut is not None:
                         new_text, stop_reason = new_text[:cut], "stop_string"
                     text = new_text
-                    held = pending_repeat(out_ids, guard["ngram"]) if guard and stop_reason == "max_new_tokens" else 0
                     if on_token:
+                        pending = guard and stop_reason == "max_new_tokens"
+                        held = pending_repeat(out_ids, guard["ngram"]) if pending else 0
                         visible = text if not held else lm.tokenizer.decode(out_ids[:-held], skip_special_tokens=True)
                         if visible.startswith(shown) and len(visible) > len(shown):
                             on_token(visible[len(shown) :])
