@@ -363,19 +363,29 @@ def item_fingerprint(item: Document | DocumentError) -> str | None:
 
 
 def _digest(value) -> str:
-    if is_dataclass(value):
-        value = asdict(value)
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def batch_settings(runner: TaskRunner, task: str, questions: Sequence[str] = ()) -> dict:
-    """The settings that make a record's answer: stored in every record, compared on a rerun."""
-    p = runner.profile
-    lm = getattr(runner, "lm", None)
-    shape = getattr(lm, "shape", None)
+def _non_default(obj, skip: Sequence[str] = ()) -> dict:
+    """The fields of a settings dataclass that differ from its defaults (a field added later does not count)."""
+    if not is_dataclass(obj):
+        return {"value": str(obj)}
+    values = asdict(obj)
+    try:
+        defaults = asdict(type(obj)())
+    except TypeError:  # pragma: no cover - a class without defaults
+        defaults = {}
+    return {k: v for k, v in values.items() if k not in skip and (k not in defaults or defaults[k] != v)}
+
+
+_GENERATION_SHOWN = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+
+
+def profile_settings(profile, task: str, questions: Sequence[str] = (), chunk_size: int | None = None) -> dict:
+    """The settings of a record that the profile decides (no model needed); ``chunk_size`` None: not known yet."""
+    p = profile
     gen = p.generation
-    engine = getattr(runner, "engine", None)
-    prompt = {"prompt": asdict(p.prompt) if is_dataclass(p.prompt) else str(p.prompt)}
+    prompt = {"prompt": _non_default(p.prompt)}
     if task == "summarize":
         prompt["instruction"] = p.instruction
     else:
@@ -383,25 +393,33 @@ def batch_settings(runner: TaskRunner, task: str, questions: Sequence[str] = ())
     if task == "rag":
         prompt["passage_header"] = p.passage_header
     settings = {
-        "chunk_size": getattr(engine, "chunk_size", None) or p.chunk_size,
-        "max_new_tokens": gen.max_new_tokens,
-        "temperature": gen.temperature,
-        "top_p": gen.top_p,
-        "stop": list(gen.stop),
-        "seed": gen.seed,
+        "chunk_size": chunk_size or p.chunk_size,
+        **{k: getattr(gen, k, None) for k in _GENERATION_SHOWN},
+        "generation": _digest(_non_default(gen, skip=_GENERATION_SHOWN)),
         "questions_mode": p.questions if task != "summarize" else None,
         "questions": _digest(list(questions)) if questions else None,
         "prompt": _digest(prompt),
-        "retention": _digest(p.retention),
+        "retention": _digest(_non_default(p.retention)),
     }
+    if isinstance(settings["stop"], tuple):
+        settings["stop"] = list(settings["stop"])
+    return {"method": p.method, "budget": str(p.budget), "profile": p.name, "settings": settings}
+
+
+def batch_settings(runner: TaskRunner, task: str, questions: Sequence[str] = ()) -> dict:
+    """The settings that make a record's answer: stored in every record, compared on a rerun."""
+    lm = getattr(runner, "lm", None)
+    shape = getattr(lm, "shape", None)
+    chunk_size = getattr(getattr(runner, "engine", None), "chunk_size", None)
+    part = profile_settings(runner.profile, task, questions, chunk_size if isinstance(chunk_size, int) else None)
     return {
         "model": getattr(lm, "name", "") or "",
         "model_fingerprint": shape.fingerprint() if shape is not None else None,
-        "method": p.method,
-        "budget": str(p.budget),
-        "profile": p.name,
-        "settings_hash": _digest(settings),
-        "settings": settings,
+        "method": part["method"],
+        "budget": part["budget"],
+        "profile": part["profile"],
+        "settings_hash": _digest(part["settings"]),
+        "settings": part["settings"],
     }
 
 
@@ -416,6 +434,7 @@ _SETTING_LABELS = {
     "questions_mode": "questions mode",
 }
 _HASHED_LABELS = {
+    "generation": "other generation settings (the profile's)",
     "questions": "other --question questions",
     "prompt": "another prompt (the profile's prompt, instruction or probe)",
     "retention": "other retention settings (the profile's)",
@@ -433,7 +452,9 @@ def differences(rec: dict, now: dict) -> list[tuple[str, object, object]]:
     """
     out: list[tuple[str, object, object]] = []
     old_fp = rec.get("model_fingerprint")
-    if old_fp and now.get("model_fingerprint"):
+    if "model" not in now:  # checked before the model is loaded
+        pass
+    elif old_fp and now.get("model_fingerprint"):
         if old_fp != now["model_fingerprint"]:
             if _model_name(rec.get("model")) != _model_name(now["model"]):
                 out.append(("model", rec.get("model"), now["model"]))
@@ -447,12 +468,14 @@ def differences(rec: dict, now: dict) -> list[tuple[str, object, object]]:
     old_settings = rec.get("settings")
     if isinstance(old_settings, dict):
         for key, label in _SETTING_LABELS.items():
+            if key == "chunk_size" and now["settings"].get(key) is None:
+                continue  # not known before the model is loaded
             if key in old_settings and old_settings[key] != now["settings"].get(key):
                 out.append((label, old_settings[key], now["settings"].get(key)))
         for key, phrase in _HASHED_LABELS.items():
             if key in old_settings and old_settings[key] != now["settings"].get(key):
                 out.append((phrase, None, None))
-    elif rec.get("settings_hash") and rec["settings_hash"] != now["settings_hash"]:
+    elif rec.get("settings_hash") and now.get("settings_hash") and rec["settings_hash"] != now["settings_hash"]:
         out.append(("other prompt or generation settings", None, None))
     return out
 
@@ -502,7 +525,7 @@ def questions_for(doc: Document, questions: Sequence[str]) -> list[str]:
 
 
 def run_batch(
-    runner: TaskRunner,
+    runner: TaskRunner | Callable[[], TaskRunner],
     inputs: Sequence[str],
     task: str,
     out: str | Path,
@@ -513,6 +536,7 @@ def run_batch(
     retry_failed: bool = False,
     redo_changed: bool = False,
     lock: BatchLock | None = None,
+    profile=None,
     debug: bool = False,
     on_start: Callable[[int, int, str], None] | None = None,
     on_done: Callable[[int, int, TaskResult], None] | None = None,
@@ -524,7 +548,10 @@ def run_batch(
     not inside an input folder, empty or a batch results file. ``on_skipped(folder, files)`` is called
     for each input folder with files dynkv cannot read (they are also in ``summary.skipped_files``).
     ``lock``: a :class:`BatchLock` of ``out`` the caller already holds (e.g. taken before loading
-    the model); without it the batch takes one itself.
+    the model); without it the batch takes one itself. ``runner`` may be a function that makes the
+    runner (loads the model): it is called after ``out`` is locked and read, and with ``profile``
+    (the runner's profile) the settings the profile decides are compared before that, so a rerun
+    with another budget is refused without loading the model.
     """
     if task not in ("summarize", "qa", "rag"):
         raise UsageError(f"task {task!r} is not one of summarize, qa, rag")
@@ -535,7 +562,6 @@ def run_batch(
         summary.skipped_files.extend(files)
         if on_skipped:
             on_skipped(folder, files)
-    now = batch_settings(runner, task, questions)
     with ResultsFile(out, lock=lock) as results:
         summary.dropped_lines = results.dropped
         other = {r.get("task") for r in results.records.values()} - {task}
@@ -545,23 +571,15 @@ def run_batch(
             )
         keys = [item_key(item) for item in items]
         prints = [item_fingerprint(item) for item in items]
-        todo: dict[str, str] = {}  # key -> why: "new", "changed", "retry", "settings"
-        mismatched: dict[str, list] = {}
-        for item, key, fp in zip(items, keys, prints):
-            rec = results.records.get(key)
-            if rec is None:
-                todo[key] = "new"
-            elif fp and rec.get("doc_fingerprint") and rec["doc_fingerprint"] != fp:
-                todo[key] = "changed"
-                summary.changed_sources.append(_source(item))
-            elif rec.get("error"):
-                if retry_failed:
-                    todo[key] = "retry"
-            else:
-                diffs = differences(rec, now)
-                if diffs:
-                    mismatched[key] = diffs
-                    todo[key] = "settings"
+        if callable(runner):
+            if profile is not None and not redo_changed:
+                early = profile_settings(profile, task, questions)
+                _, mismatched = _plan(results.records, items, keys, prints, early, retry_failed, [])
+                if mismatched:
+                    raise UsageError(mismatch_message(out, mismatched))
+            runner = runner()
+        now = batch_settings(runner, task, questions)
+        todo, mismatched = _plan(results.records, items, keys, prints, now, retry_failed, summary.changed_sources)
         if mismatched and not redo_changed:
             raise UsageError(mismatch_message(out, mismatched))
         redo = {
@@ -606,6 +624,29 @@ def run_batch(
                 summary.failed += 1
                 summary.failures.append((_source(item), rec["error"]))
     return summary
+
+
+def _plan(records, items, keys, prints, now, retry_failed, changed_sources):
+    """What to do with each document: ``todo`` (key -> "new", "changed", "retry" or "settings") and the
+    differing settings of each answered record (key -> :func:`differences`)."""
+    todo: dict[str, str] = {}
+    mismatched: dict[str, list] = {}
+    for item, key, fp in zip(items, keys, prints):
+        rec = records.get(key)
+        if rec is None:
+            todo[key] = "new"
+        elif fp and rec.get("doc_fingerprint") and rec["doc_fingerprint"] != fp:
+            todo[key] = "changed"
+            changed_sources.append(_source(item))
+        elif rec.get("error"):
+            if retry_failed:
+                todo[key] = "retry"
+        else:
+            diffs = differences(rec, now)
+            if diffs:
+                mismatched[key] = diffs
+                todo[key] = "settings"
+    return todo, mismatched
 
 
 def _write_failed(out: str | Path, e: OSError, saved: int) -> str:

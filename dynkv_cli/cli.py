@@ -697,7 +697,6 @@ def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed
     from .batch import run_batch
 
     view = _view(opts)
-    runner = _runner(opts, profile, view, stream=False)
 
     def start(i: int, n: int, source: str) -> None:
         view.start_document(i, n, source)
@@ -712,7 +711,7 @@ def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed
             _say(f"[{i}/{n}] {result.source}: failed: {result.error}")
 
     summary = run_batch(
-        runner,
+        lambda: _runner(opts, profile, view, stream=False),  # loaded once --out is read and its settings agree
         inputs,
         task,
         out,
@@ -722,6 +721,7 @@ def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed
         retry_failed=retry_failed,
         redo_changed=redo_changed,
         lock=lock,
+        profile=profile,
         debug=opts.debug,
         on_start=start,
         on_done=done,

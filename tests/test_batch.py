@@ -223,11 +223,19 @@ def test_old_records_without_identity_resume_by_source(model, tmp_path, monkeypa
     assert jsonl(out) == old
 
 
-def test_other_settings_are_refused_before_any_work(model, tmp_path):
+def test_other_settings_are_refused_before_any_work(model, tmp_path, monkeypatch):
+    from dynkv_cli import cli
+
     folder = two_docs(tmp_path)
     out = tmp_path / "results.jsonl"
     assert batch(folder, out, model, "--budget", "2%").exit_code == 0
     first = out.read_bytes()
+    real_runner = cli._runner
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_runner", no_model)  # the settings a profile decides are checked before loading
     (folder / "doc3.txt").write_text("A third document, not done yet. " * 5)
     r = batch(folder, out, model, "--budget", "5%")
     assert r.exit_code == 2
@@ -242,6 +250,7 @@ def test_other_settings_are_refused_before_any_work(model, tmp_path):
     r = batch(folder, out, model, "--budget", "5%", "--method", "snapkv")
     assert "method dynamickv (this run: snapkv) and budget 2% (this run: 5%) for 2" in one_error_line(r)
 
+    monkeypatch.setattr(cli, "_runner", real_runner)
     r = batch(folder, out, model, "--budget", "5%", "--redo-changed", "--json")
     assert r.exit_code == 0, r.stderr
     summary = json.loads(r.stdout)
@@ -256,6 +265,22 @@ def test_other_settings_are_refused_before_any_work(model, tmp_path):
     r = batch(folder, out, model, "--budget", "5%", "--json")  # the file now agrees with 5%
     assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] == 3, r.stderr
     assert len(jsonl(out)) == 5
+
+
+def test_another_model_is_refused(model, tmp_path, tmp_path_factory):
+    from cli_helpers import tiny_model
+
+    other = tiny_model(tmp_path_factory, name="dynkv-batch-other-model", layers=2)
+    folder = two_docs(tmp_path)
+    out = tmp_path / "results.jsonl"
+    assert batch(folder, out, model).exit_code == 0
+    r = batch(folder, out, other)
+    assert r.exit_code == 2
+    assert one_error_line(r) == (
+        f"error: {out} was made with model {model} (this run: {other}) for 2 document(s); "
+        "start a new --out file, or pass --redo-changed to redo them"
+    )
+    assert len(jsonl(out)) == 2
 
 
 def test_changed_document_is_done_again(model, tmp_path):
