@@ -8,7 +8,9 @@ Contracts:
 - Concatenating a document's segment texts in order gives its whole text (PDF pages carry their
   own "\\n\\n" separator), so a tokenizer can consume segments one by one.
 - Text files are read in blocks of about SEGMENT_CHARS characters, split at a newline; a PDF is
-  extracted one page at a time. Only stdin and JSONL records are held in memory.
+  extracted one page at a time. Stdin is copied (in blocks) to an unnamed temporary file as it is
+  read and then read like a text file, so it can be read again; only JSONL records (and a stdin
+  without a byte stream, as in some test harnesses) are held in memory.
 - Bad input raises (or, in iter_documents, yields) DocumentError whose str() is one line: which
   file, what is wrong, what to do. Nothing here imports torch, transformers or the CLI.
 - Problems that do not stop reading (encoding fallback, a PDF page that failed) go to
@@ -22,12 +24,16 @@ import contextlib
 import difflib
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -164,6 +170,27 @@ class _TextFileReader(_Reader):
             ) from exc
         except OSError as exc:
             raise _os_error(doc.source, exc) from exc
+
+
+class _SpoolReader(_Reader):
+    """Bytes in an open temporary file (stdin spooled): read again from the start on every call.
+
+    One pass at a time (the passes of a task are sequential); the file goes when the Document does.
+    """
+
+    def __init__(self, fh, encoding: str):
+        self.fh = fh
+        self.encoding = encoding
+
+    def segments(self, doc: Document) -> Iterator[Segment]:
+        self.fh.seek(0)
+        text = io.TextIOWrapper(self.fh, encoding=self.encoding, newline=None)
+        try:
+            yield from _line_segments(iter(lambda: text.read(SEGMENT_CHARS), ""), doc.source)
+        except OSError as exc:
+            raise _os_error(doc.source, exc) from exc
+        finally:
+            text.detach()  # keep the temporary file open for the next pass
 
 
 class _PdfReader(_Reader):
@@ -323,6 +350,15 @@ _SPACE_BYTES = b" \t\n\r\f\v"
 
 def _check_text_file(p: Path, source: str, head: bytes) -> tuple[str, list[str]]:
     """One streaming pass: decide the encoding, refuse binary and whitespace-only files."""
+    try:
+        with open(p, "rb") as fh:
+            return _check_text_stream(fh, source, head)
+    except OSError as exc:
+        raise _os_error(source, exc) from exc
+
+
+def _check_text_stream(fh, source: str, head: bytes, empty: str = "only whitespace") -> tuple[str, list[str]]:
+    """:func:`_check_text_file` over an open binary file, read from where it is."""
     bom = _bom_encoding(head)
     if bom is None and b"\0" in head:
         raise _binary_error(source, head)
@@ -330,26 +366,22 @@ def _check_text_file(p: Path, source: str, head: bytes) -> tuple[str, list[str]]
     utf_ok = True
     cp1252_ok = True
     has_text = False
-    try:
-        with open(p, "rb") as fh:
-            while block := fh.read(_PASS_BYTES):
-                if utf_ok:
-                    try:
-                        decoded = decoder.decode(block)
-                    except UnicodeDecodeError:
-                        utf_ok = False
-                    else:
-                        has_text = has_text or bool(decoded.strip())
-                if bom is None:
-                    cp1252_ok = cp1252_ok and not _UNDEFINED_CP1252.search(block)
-                    has_text = has_text or bool(block.translate(None, _SPACE_BYTES))
-            if utf_ok:
-                try:
-                    decoder.decode(b"", final=True)
-                except UnicodeDecodeError:
-                    utf_ok = False
-    except OSError as exc:
-        raise _os_error(source, exc) from exc
+    while block := fh.read(_PASS_BYTES):
+        if utf_ok:
+            try:
+                decoded = decoder.decode(block)
+            except UnicodeDecodeError:
+                utf_ok = False
+            else:
+                has_text = has_text or bool(decoded.strip())
+        if bom is None:
+            cp1252_ok = cp1252_ok and not _UNDEFINED_CP1252.search(block)
+            has_text = has_text or bool(block.translate(None, _SPACE_BYTES))
+    if utf_ok:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            utf_ok = False
 
     if bom == "utf-16" and not utf_ok:
         raise DocumentError(
@@ -357,7 +389,7 @@ def _check_text_file(p: Path, source: str, head: bytes) -> tuple[str, list[str]]
             source,
         )
     if not has_text:
-        raise DocumentError(f"{source} is empty: nothing to read (only whitespace)", source)
+        raise DocumentError(f"{source} is empty: nothing to read ({empty})", source)
     if utf_ok:
         return bom or "utf-8", []
     # Not UTF-8: a legacy 8-bit file, unless it is mostly control bytes (then it is binary).
@@ -405,7 +437,9 @@ def _open_stdin() -> Document:
                 source,
             )
     buffer = getattr(stdin, "buffer", None)
-    data = buffer.read() if buffer is not None else stdin.read().encode("utf-8")
+    if buffer is not None:
+        return _spool_stdin(buffer, source)
+    data = stdin.read().encode("utf-8")
     if not data.strip():
         raise DocumentError(f"{source} is empty: nothing to read (pipe a document in, or pass a file)", source)
     text, warns = _decode_bytes(data, source)
@@ -419,6 +453,46 @@ def _open_stdin() -> Document:
         warnings=warns,
         _reader=_MemoryReader(text, "line"),
     )
+
+
+def _spool_stdin(buffer, source: str) -> Document:
+    """Copy stdin's bytes to an unnamed temporary file (never all in memory), check and fingerprint it
+    like a text file; the Document reads it again from there (a percentage budget may count first)."""
+    empty = "pipe a document in, or pass a file"
+    try:
+        fh = tempfile.TemporaryFile(prefix="dynkv-stdin-")
+    except OSError as exc:
+        raise DocumentError(f"{source}: cannot create a temporary file to hold it ({exc.strerror})", source) from exc
+    try:
+        shutil.copyfileobj(buffer, fh, _PASS_BYTES)
+        fh.seek(0)
+        head = fh.read(_SNIFF_BYTES)
+        if not head:
+            raise DocumentError(f"{source} is empty: nothing to read ({empty})", source)
+        fh.seek(0)
+        encoding, warns = _check_text_stream(fh, source, head, empty)
+        digest = hashlib.sha256()  # of the text: BOM and line endings do not count
+        fh.seek(0)
+        text = io.TextIOWrapper(fh, encoding=encoding, newline=None)
+        while block := text.read(SEGMENT_CHARS):
+            digest.update(block.encode("utf-8"))
+        text.detach()
+    except OSError as exc:
+        fh.close()
+        raise DocumentError(f"{source}: cannot copy it to a temporary file ({exc.strerror})", source) from exc
+    except BaseException:
+        fh.close()
+        raise
+    doc = Document(
+        source=source,
+        path=None,
+        kind="stdin",
+        fingerprint=digest.hexdigest()[:16],
+        warnings=warns,
+        _reader=_SpoolReader(fh, encoding),
+    )
+    weakref.finalize(doc, fh.close)  # closed (and gone) with the Document, without a ResourceWarning
+    return doc
 
 
 # ---------------------------------------------------------------- PDF

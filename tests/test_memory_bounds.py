@@ -260,3 +260,18 @@ def test_compact_mode_on_task_result_and_from_a_cache_file(short_model, tmp_path
     again = runner.qa(cdoc, ["What?"])
     assert again.compactions == cdoc.stats.compactions >= 1
     assert any("compact mode" in w for w in again.warnings)
+
+
+def test_stdin_is_spooled_to_a_temporary_file_and_read_again(monkeypatch):
+    import io
+    import sys
+
+    from dynkv_cli.documents import open_document
+
+    text = "".join(segments(40))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.replace("\n", "\r\n").encode())))
+    doc = open_document("-")
+    assert not hasattr(doc._reader, "text")  # the text is not held in memory
+    assert doc.text() == text and doc.text() == text  # read again, from the start
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    assert open_document("-").fingerprint == doc.fingerprint  # same text, same fingerprint
