@@ -890,18 +890,25 @@ def _loop_end(tokenizer, ids: list[int], start: int, period: int) -> int:
     """Where to cut a looping answer: after the repeated span said once, at the end of its sentence or line.
 
     The span starts where the repetition began, which may be mid-sentence; if the span does not end a
-    sentence, the cut moves on (at most one span) to the next token that ends one.
+    sentence, the cut moves on (at most one span) to the next token that ends one. A loop with no
+    sentence end (``... show "X" and featured on the show "X" and ...``) is cut back, inside the span,
+    after its last closing quote, bracket or comma instead of after a dangling ``and``.
     """
     end = start + period
 
+    def piece(i: int) -> str:
+        return tokenizer.decode([ids[i]], skip_special_tokens=True).rstrip(" ")
+
     def ends_sentence(i: int) -> bool:
-        piece = tokenizer.decode([ids[i]], skip_special_tokens=True).rstrip(" ")
-        return "\n" in piece or piece.endswith((".", "!", "?"))
+        return "\n" in piece(i) or piece(i).endswith((".", "!", "?"))
 
     if ends_sentence(end - 1):
         return end
     for i in range(end, min(end + period, len(ids))):
         if ends_sentence(i):
+            return i + 1
+    for i in range(end - 1, start, -1):
+        if piece(i).endswith(('"', "'", ")", "]", ",", ";", ":")):
             return i + 1
     return end
 

@@ -347,3 +347,18 @@ def test_loop_cut_moves_to_the_end_of_the_sentence(lm, monkeypatch):
     a = eng.ask(doc, QUESTION, generation=GenerationSettings(max_new_tokens=100, repetition_guard=GUARD))
     assert a.stop_reason == "repetition"
     assert a.token_ids == head + sentence  # the sentence said once, whole
+
+
+def test_a_loop_without_a_sentence_end_is_cut_after_its_last_clause(lm, monkeypatch):
+    import dynkv_cli.engine as engine_mod
+
+    tok = lm.tokenizer
+    head = tok.encode("The report was also read on", add_special_tokens=False)
+    clause = tok.encode(' the river show "the garden letter" and read on', add_special_tokens=False)
+    script = iter(head + clause * 10)
+    monkeypatch.setattr(engine_mod, "_pick", lambda logits, g, rng: next(script))
+    eng = Engine(lm, CompressionSettings(budget="20", chunk_size=64))
+    doc = eng.compress(text_of(100), PROMPT, question=QUESTION)
+    a = eng.ask(doc, QUESTION, generation=GenerationSettings(max_new_tokens=100, repetition_guard=GUARD))
+    assert a.stop_reason == "repetition"
+    assert a.text == 'The report was also read on the river show "the garden letter"'
