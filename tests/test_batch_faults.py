@@ -1,8 +1,8 @@
 """`dynkv batch` under faults: killed (SIGKILL), interrupted (SIGINT), a full disk, a file size limit.
 
 A batch of 100 short documents, 10 of them bad, with the tiny random model on CPU. The process tests
-run `dynkv batch` as a subprocess and are marked ``slow`` (about a minute each; deselect them with
-``-m "not slow"``). In every case the end state is the same: one whole line per document, none twice.
+run `dynkv batch` as a subprocess and are marked ``slow`` (one to two minutes each on two slow cores;
+deselect them with ``-m "not slow"``). In every case the end state is the same: one whole line per document, none twice.
 """
 
 from __future__ import annotations
@@ -221,3 +221,32 @@ def test_disk_full_mid_batch(model, tmp_path, monkeypatch, where):
     assert out.read_bytes().startswith(first)
     assert sorted(rec["source"] for rec in recs) == sorted(str(p) for p in folder.iterdir())
     assert sum(1 for rec in recs if rec["error"]) == 1
+
+
+@pytest.mark.slow
+def test_two_batches_on_one_out(model, tmp_path):
+    """A second `dynkv batch` on the --out a running one writes fails at once, naming the first one's pid."""
+    folder = make_inputs(tmp_path)
+    out = tmp_path / "results.jsonl"
+    first = subprocess.Popen(cli_cmd(model), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while lines_in(out) < 1:
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        second = subprocess.run(cli_cmd(model), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.strip() == (
+            f"error: results.jsonl is being written by another dynkv batch (pid {first.pid}); "
+            "wait for it or choose another --out"
+        )
+        assert first.poll() is None, "the second batch waited for the first one"
+        took = time.monotonic() - t0
+    finally:
+        first.kill()
+        first.wait()
+    assert took < 60
+    recs = jsonl(out)
+    assert recs and len({rec["source"] for rec in recs}) == len(recs)  # nothing written twice
+    assert {Path(rec["source"]).name for rec in recs} <= {p.name for p in folder.iterdir()}
