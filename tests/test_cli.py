@@ -187,7 +187,7 @@ def test_model_from_env_and_config_file(model, docs, isolated_config, monkeypatc
     assert invoke(["qa", docs[0], "-q", "k?", *FAST]).exit_code == 0
     (isolated_config / "config.yaml").write_text(f"model: {model}\nmodle: x\n")
     bad = invoke(["qa", docs[0], "-q", "k?", *FAST])
-    assert bad.exit_code == 2 and "unknown key(s) modle; valid keys: device, dtype, model" in one_error_line(bad)
+    assert bad.exit_code == 2 and "unknown key(s) modle; valid keys: device, dtype, max_cache, model" in one_error_line(bad)
 
 
 def test_entry_point_usage_error_is_one_line(tmp_path):
