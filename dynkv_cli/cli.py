@@ -757,10 +757,13 @@ def profile_cmd(
     profile = profile_for(opts, "qa")
     doc = open_document(file, password=opts.password)
     view = _view(opts)
+    max_cache = _max_cache(opts)
     lm = load(opts)
     hooks = view.hooks(0, stream=False, warn=_warn)
     with view:
-        report = profile_document(lm, profile, doc, names, decode_tokens=opts.max_new_tokens or 16, hooks=hooks)
+        report = profile_document(
+            lm, profile, doc, names, decode_tokens=opts.max_new_tokens or 16, hooks=hooks, max_cache=max_cache
+        )
     _emit([json.dumps(report.to_dict()) if opts.json else report.render()], None)
 
 

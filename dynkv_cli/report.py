@@ -83,8 +83,11 @@ def profile_document(
     decode_tokens: int = 16,
     hooks: Hooks | None = None,
     warmup: bool = True,
+    max_cache: int | str | None = None,
 ) -> MemoryReport:
     """Compress ``doc`` with each method and time a short answer. Raises UsageError for an unknown method.
+
+    ``max_cache``: the largest cache a budget may make (see :meth:`Engine.memory_limit`).
 
     ``warmup``: first run one short untimed pass (kernel compilation, allocator, lazy imports), so the
     first method's timings are not charged for them.
@@ -111,7 +114,7 @@ def profile_document(
     if warmup:
         _warm_up(lm, profile, doc, methods[0], question)
     for name in methods:
-        runner = TaskRunner(lm, profile.with_overrides(method=name), hooks)
+        runner = TaskRunner(lm, profile.with_overrides(method=name), hooks, max_cache=max_cache)
         cdoc = runner.compress(doc, question=question)
         gen = GenerationSettings(max_new_tokens=decode_tokens, temperature=0.0)
         answer = runner.engine.ask(cdoc, question, generation=gen)

@@ -275,3 +275,10 @@ def test_stdin_is_spooled_to_a_temporary_file_and_read_again(monkeypatch):
     assert doc.text() == text and doc.text() == text  # read again, from the start
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
     assert open_document("-").fingerprint == doc.fingerprint  # same text, same fingerprint
+
+
+def test_memory_report_takes_max_cache(model, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("".join(segments(10)), encoding="utf-8")
+    r = invoke(["profile", doc, "--model", model, "--budget", "full", "--max-cache", "100KiB", "--chunk-size", "32"])
+    assert r.exit_code == 2 and "allows 100.0 KiB (--max-cache)" in one_error_line(r)
