@@ -34,7 +34,8 @@ Contracts:
   batch fails at once with :class:`BatchLockedError` (exit code 1: nothing is wrong with the
   command, it can run once the other one is done).
 * ``out`` must not be an input or inside an input folder, and an existing ``out`` must be a batch
-  results file (or empty): anything else is refused before the first document.
+  results file (or empty) and a regular file (not ``/dev/stdout`` or a pipe: it is read back to
+  resume): anything else is refused before the first document.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import json
 import os
 import re
 import signal
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -127,6 +129,7 @@ class BatchLock:
     def acquire(self) -> BatchLock:
         if self.fd is not None:
             return self
+        require_regular(self.out)
         for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -162,6 +165,19 @@ class BatchLock:
             os.unlink(self.path)  # while still locked: nobody can hold a lock on the removed file
         os.close(self.fd)
         self.fd = None
+
+
+def require_regular(out: str | Path) -> None:
+    """Refuse an ``out`` that exists and is not a regular file (``/dev/stdout``, a pipe): it cannot be read back."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        raise UsageError(
+            f"--out {out} is not a regular file: a batch appends to its results file and reads it back to "
+            "resume; give a file name like results.jsonl"
+        )
 
 
 def locked_error(out: str | Path, pid: int | None) -> BatchLockedError:
@@ -206,6 +222,7 @@ class ResultsFile:
             raise UsageError(f"--out {self.path} is a folder; give a file name like results.jsonl")
         if self.path.parent and not self.path.parent.exists():
             raise UsageError(f"--out {self.path}: folder {self.path.parent} does not exist")
+        require_regular(self.path)
         if self._lock is None:
             self._own_lock = BatchLock(self.path).acquire()
         try:

@@ -336,3 +336,18 @@ def test_a_second_batch_on_the_same_out_fails_at_once(model, tmp_path):
     r = batch(folder, out, model)
     assert r.exit_code == 0, r.stderr
     assert len(jsonl(out)) == 2
+
+
+def test_out_that_is_not_a_regular_file_is_refused(model, tmp_path):
+    import os
+
+    folder = two_docs(tmp_path)
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    r = batch(folder, fifo, model)
+    assert r.exit_code == 2
+    assert one_error_line(r) == (
+        f"error: --out {fifo} is not a regular file: a batch appends to its results file and reads it back to "
+        "resume; give a file name like results.jsonl"
+    )
+    assert not (tmp_path / ".pipe.jsonl.lock").exists()  # refused before the lock file is made
