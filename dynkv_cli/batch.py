@@ -588,7 +588,7 @@ def run_batch(
             )
         keys = [item_key(item) for item in items]
         prints = [item_fingerprint(item) for item in items]
-        if callable(runner):
+        if callable(runner) and not hasattr(runner, "run"):  # a function that makes the runner
             if profile is not None and not redo_changed:
                 early = profile_settings(profile, task, questions)
                 _, mismatched = _plan(results.records, items, keys, prints, early, retry_failed, [])
