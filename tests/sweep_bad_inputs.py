@@ -125,6 +125,9 @@ def cases(p: dict[str, str], gguf: Path | None) -> list[tuple[str, str]]:
         ),
         ("a cache file that is not a cache", f"qa not-a-cache.dkv {q} {m} {fast}"),
         ("a cache made with another model", f"qa cache.dkv {q} --model {p['other_model']} {fast}"),
+        ("a cache whose tensor bytes were overwritten", f"qa damaged.dkv {q} {m} {fast}"),
+        ("info --verify of that damaged cache", "info damaged.dkv --verify"),
+        ("a cache that cannot fit --max-cache", f"qa doc.txt {q} --budget full --max-cache 1KiB {m} {fast}"),
         ("-o is the input document", f"qa doc.txt {q} -o doc.txt {m} {fast}"),
         ("-o in a folder that does not exist", f"qa doc.txt {q} -o nowhere/a.txt {m} {fast}"),
         ("compress -o onto its own input", f"compress doc.txt -o doc.txt {m} {fast}"),
@@ -203,10 +206,14 @@ def main() -> None:
     )
     if code != 0:
         raise SystemExit(f"could not make cache.dkv: {err}")
+    data = bytearray((root / "cache.dkv").read_bytes())
+    data[-64:] = bytes(64)  # the last tensor's bytes, the header untouched
+    (root / "damaged.dkv").write_bytes(bytes(data))
     rows = []
     for what, cmd in cases(paths, gguf):
         code, err, secs = run_case(cmd, root, env, args.timeout)
-        shown = [line for line in err.splitlines() if line.startswith(("error:", "warning:"))] or err.splitlines()[-1:]
+        said = ("error:", "warning:") if not cmd.startswith("batch") else ("error:", "warning:", "[")
+        shown = [line for line in err.splitlines() if line.startswith(said)] or err.splitlines()[-1:]
         msg = " / ".join(shown).replace(str(root) + "/", "").replace(str(root), ".")
         rows.append((what, cmd.replace(str(root) + "/", ""), msg, code, verdict(code, err, cmd), secs))
         print(f"{code:>4}  {verdict(code, err, cmd):<20} {what}", file=sys.stderr)
