@@ -209,19 +209,19 @@ def test_replacing_leaves_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_cache_save_is_whole_or_nothing(model, docs, tmp_path, monkeypatch):
-    import safetensors.torch
+    from dynkv_cli import cache
 
     dkv = tmp_path / "doc.dkv"
     assert invoke(["compress", docs[0], "-o", dkv, "--model", model, *FAST]).exit_code == 0
     before = dkv.read_bytes()
     assert is_dynkv_cache(dkv) and not is_dynkv_cache(docs[0])
 
-    def torn(tensors, filename, metadata=None):
+    def torn(filename, tensors, metadata):  # writes part of a file, then the disk is full
         with open(filename, "wb") as fh:
             fh.write(b"\x10\x00\x00")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", torn)
+    monkeypatch.setattr(cache, "_write_safetensors", torn)
     r = invoke(["compress", docs[1], "-o", dkv, "--force", "--model", model, *FAST])
     assert r.exit_code == 1 and "cannot write" in one_error_line(r)
     assert dkv.read_bytes() == before
