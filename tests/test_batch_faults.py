@@ -228,14 +228,15 @@ def test_two_batches_on_one_out(model, tmp_path):
     """A second `dynkv batch` on the --out a running one writes fails at once, naming the first one's pid."""
     folder = make_inputs(tmp_path)
     out = tmp_path / "results.jsonl"
-    first = subprocess.Popen(cli_cmd(model), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    slow = ("--max-new-tokens", "400")  # long answers keep the first batch busy while the second starts
+    first = subprocess.Popen(cli_cmd(model, *slow), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
         while lines_in(out) < 1:
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         t0 = time.monotonic()
-        second = subprocess.run(cli_cmd(model), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(cli_cmd(model, *slow), cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1, second.stderr
         assert second.stderr.strip() == (
             f"error: results.jsonl is being written by another dynkv batch (pid {first.pid}); "
