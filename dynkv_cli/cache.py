@@ -464,7 +464,7 @@ def _existing(path: str | Path) -> Path:
     if path.is_dir():
         raise CacheFileError(f"{path} is a folder, not a cache file (make one with `dynkv compress`)")
     if not path.is_file():
-        raise CacheFileError(f"{path}: no such cache file")
+        raise CacheFileError(f"{path}: no such cache file (make one with `dynkv compress`)")
     return path
 
 

@@ -12,7 +12,6 @@ the whole document would take.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from .config import GenerationSettings
 from .documents import Document
 from .engine import DEFAULT_PROBE
-from .errors import CacheFileError, UsageError
+from .errors import UsageError
 from .methods import METHODS
 from .model import LoadedModel
 from .profiles import Profile
@@ -239,23 +238,10 @@ def render(report: MemoryReport, bar_width: int = 24) -> str:
 
 def cache_info(path: str | Path) -> dict:
     """The JSON header of a cache file saved by :meth:`CompressedDocument.save` (tensors are not read)."""
-    from safetensors import safe_open
+    from .cache import CompressedCache
 
-    from .cache import FORMATS
-
-    path = Path(path)
-    if path.is_dir():
-        raise CacheFileError(f"{path} is a folder, not a cache file (make one with `dynkv compress`)")
-    if not path.is_file():
-        raise CacheFileError(f"{path}: no such cache file (make one with `dynkv compress`)")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {}).get("dynkv", "{}"))
-    except Exception as e:  # safetensors raises several types on a bad file
-        raise CacheFileError(f"{path}: not a readable dynkv cache file ({type(e).__name__})") from e
-    if meta.get("format") not in FORMATS:
-        raise CacheFileError(f"{path}: not a dynkv cache file (make one with `dynkv compress`)")
-    meta["file_bytes"] = path.stat().st_size
+    meta = CompressedCache.read_header(path)
+    meta["file_bytes"] = Path(path).stat().st_size
     return meta
 
 
