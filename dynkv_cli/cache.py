@@ -13,6 +13,7 @@ kept always; the rest are document tokens, then any question/answer being asked.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -364,48 +365,37 @@ class CompressedCache(Cache):
         as it is read; a mismatch raises :class:`CacheFileError` naming the tensor. A file written before
         checksums (``dynkv-cache/1``) loads, and ``on_warning`` is told it cannot be verified.
         """
-        from safetensors import safe_open
+        with _opened(path, shape) as (path, f, meta, sums):
+            if sums is None and on_warning is not None:
+                on_warning(unverifiable(path))
+            cache = cls(int(meta["num_layers"]), ragged=bool(meta.get("ragged", False)))
+            names = set(f.keys())
 
-        path = _existing(path)
-        meta = cls.read_header(path)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                _check_layout(f, meta, path, shape)
-                sums = _checksums(f, meta, path)
-                if sums is None and on_warning is not None:
-                    on_warning(unverifiable(path))
-                cache = cls(int(meta["num_layers"]), ragged=bool(meta.get("ragged", False)))
-                names = set(f.keys())
+            def get(name: str) -> torch.Tensor:
+                t = f.get_tensor(name)
+                if sums is not None and _digest(t) != sums[name]:
+                    raise CacheFileError(damaged(path, name))
+                return t
 
-                def get(name: str) -> torch.Tensor:
-                    t = f.get_tensor(name)
-                    if sums is not None and _digest(t) != sums[name]:
-                        raise CacheFileError(damaged(path, name))
-                    return t
-
-                for i, layer in enumerate(cache.layers):
-                    if f"layer.{i}.keys" not in names:
-                        continue
-                    k = get(f"layer.{i}.keys")
-                    v = get(f"layer.{i}.values")
-                    if dtype is not None:
-                        k, v = k.to(dtype), v.to(dtype)
-                    if cache.ragged:
-                        lens = get(f"layer.{i}.lens").tolist()
-                        if sum(lens) != k.shape[0] or min(lens, default=0) < 0:
-                            raise CacheFileError(f"{path} is damaged: layer {i}'s head counts do not add up")
-                        layer.lazy_initialization(k[None, None], v[None, None])
-                        layer.keys, layer.values, layer.lens = k.to(device), v.to(device), lens
-                    else:
-                        layer.lazy_initialization(k[None], v[None])
-                        layer.keys = k[None].to(device)
-                        layer.values = v[None].to(device)
-                    layer.positions = get(f"layer.{i}.positions").to(device)
-                    layer.scores = get(f"layer.{i}.scores").to(device)
-        except CacheFileError:
-            raise
-        except Exception as e:  # safetensors raises several types on a bad file
-            raise CacheFileError(f"{path}: not a readable dynkv cache file ({type(e).__name__})") from e
+            for i, layer in enumerate(cache.layers):
+                if f"layer.{i}.keys" not in names:
+                    continue
+                k = get(f"layer.{i}.keys")
+                v = get(f"layer.{i}.values")
+                if dtype is not None:
+                    k, v = k.to(dtype), v.to(dtype)
+                if cache.ragged:
+                    lens = get(f"layer.{i}.lens").tolist()
+                    if sum(lens) != k.shape[0] or min(lens, default=0) < 0:
+                        raise CacheFileError(f"{path} is damaged: layer {i}'s head counts do not add up")
+                    layer.lazy_initialization(k[None, None], v[None, None])
+                    layer.keys, layer.values, layer.lens = k.to(device), v.to(device), lens
+                else:
+                    layer.lazy_initialization(k[None], v[None])
+                    layer.keys = k[None].to(device)
+                    layer.values = v[None].to(device)
+                layer.positions = get(f"layer.{i}.positions").to(device)
+                layer.scores = get(f"layer.{i}.scores").to(device)
         cache.next_pos = int(meta["next_pos"])
         cache.prefix_len = int(meta["prefix_len"])
         cache.compactions = int(meta.get("compactions", 0))
@@ -556,11 +546,12 @@ def _check_layout(f, meta: dict, path: Path, shape: ModelShape | None) -> None:
                 raise other(f"layer {i} has head dim {ks[-1]} (values {vs[-1]}), the model has {shape.head_dim}")
 
 
-def verify_file(path: str | Path) -> int:
-    """Check a cache file without a model: layout, and every tensor against its checksum.
+@contextlib.contextmanager
+def _opened(path: str | Path, shape: ModelShape | None):
+    """A cache file opened and checked: ``(path, safetensors handle, header, checksums or None)``.
 
-    Returns the number of tensors checked; raises :class:`CacheFileError` (one line) on the first
-    problem, including a file written before checksums (it cannot be verified).
+    The tensors' layout is checked (against ``shape`` when given) before any tensor is read; whatever
+    safetensors raises on a bad file becomes one :class:`CacheFileError`.
     """
     from safetensors import safe_open
 
@@ -568,21 +559,30 @@ def verify_file(path: str | Path) -> int:
     meta = CompressedCache.read_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            _check_layout(f, meta, path, None)
-            sums = _checksums(f, meta, path)
-            if sums is None:
-                raise CacheFileError(unverifiable(path))
-            for name in f.keys():  # one tensor in memory at a time
-                if _digest(f.get_tensor(name)) != sums[name]:
-                    raise CacheFileError(damaged(path, name))
-            if meta.get("ragged"):
-                for i in range(int(meta["num_layers"])):
-                    if f"layer.{i}.lens" in sums:
-                        lens = f.get_tensor(f"layer.{i}.lens")
-                        if int(lens.sum()) != f.get_slice(f"layer.{i}.keys").get_shape()[0] or bool((lens < 0).any()):
-                            raise CacheFileError(f"{path} is damaged: layer {i}'s head counts do not add up")
-            return len(sums)
+            _check_layout(f, meta, path, shape)
+            yield path, f, meta, _checksums(f, meta, path)
     except CacheFileError:
         raise
     except Exception as e:  # safetensors raises several types on a bad file
         raise CacheFileError(f"{path}: not a readable dynkv cache file ({type(e).__name__})") from e
+
+
+def verify_file(path: str | Path) -> int:
+    """Check a cache file without a model: layout, and every tensor against its checksum.
+
+    Returns the number of tensors checked; raises :class:`CacheFileError` (one line) on the first
+    problem, including a file written before checksums (it cannot be verified).
+    """
+    with _opened(path, None) as (path, f, meta, sums):
+        if sums is None:
+            raise CacheFileError(unverifiable(path))
+        for name in f.keys():  # one tensor in memory at a time
+            if _digest(f.get_tensor(name)) != sums[name]:
+                raise CacheFileError(damaged(path, name))
+        if meta.get("ragged"):
+            for i in range(int(meta["num_layers"])):
+                if f"layer.{i}.lens" in sums:
+                    lens = f.get_tensor(f"layer.{i}.lens")
+                    if int(lens.sum()) != f.get_slice(f"layer.{i}.keys").get_shape()[0] or bool((lens < 0).any()):
+                        raise CacheFileError(f"{path} is damaged: layer {i}'s head counts do not add up")
+        return len(sums)
