@@ -187,6 +187,11 @@ def _release_host_memory() -> None:
         trim(0)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -216,6 +221,7 @@ class _Pass:
         self.cache, self.method, self.retention = cache, method, retention
         self.n_chunk, self.n_probe, self.pin_from, self.n_obs = n_chunk, n_probe, pin_from, n_obs
         self.score_seconds = 0.0
+        self.sync = False  # Engine(sync_timing=True): synchronise around the scoring step
 
     def _pinned(self, positions: torch.Tensor) -> torch.Tensor:
         if self.pin_from is None:
@@ -249,6 +255,8 @@ class _Pass:
         if not self.method.compresses:
             layer.truncate(layer.length - self.n_probe)
             return
+        if self.sync:
+            _synchronize(query.device)
         t0 = time.perf_counter()
         if self.cache.ragged:
             self._compress_ragged(l, layer, query, scaling)
@@ -256,6 +264,8 @@ class _Pass:
         else:
             self._compress(l, layer, query, scaling)
             self._reallocate(l)
+        if self.sync:
+            _synchronize(query.device)
         self.score_seconds += time.perf_counter() - t0
 
     # ---- uniform layers: every head of a layer keeps the same count ------------------------------------
@@ -370,10 +380,16 @@ class Engine:
         generation: GenerationSettings | None = None,
         *,
         max_cache: int | str | None = None,
+        sync_timing: bool = False,
     ):
         """``max_cache``: the most bytes the cache may take (an int or a word like ``2GiB``; ``off``: no
-        limit). None: a share of the memory available when a document starts (see :meth:`memory_limit`)."""
+        limit). None: a share of the memory available when a document starts (see :meth:`memory_limit`).
+
+        ``sync_timing``: synchronise the device before and after each layer's scoring step, so that
+        ``CompressStats.score_seconds`` is exact on CUDA (where the host otherwise runs ahead of the
+        device and the step's time includes the layer's queued work); costs one stall per layer."""
         self.lm = lm
+        self.sync_timing = sync_timing
         self.settings = (settings or CompressionSettings()).validate()
         self.generation = (generation or GenerationSettings()).validate()
         self.max_cache = max_cache
@@ -618,6 +634,7 @@ class Engine:
                     pin_from=cache.next_pos + len(chunk) - pw if pw else None,
                     n_obs=len(probe_ids) if probe_ids else min(window, len(chunk)),
                 )
+                state.sync = self.sync_timing
                 self._forward(chunk + probe_ids, cache, state)
                 cache.next_pos += len(chunk)
                 seen += len(chunk)
