@@ -25,7 +25,6 @@ except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as _cx
 
 from . import __version__
-from .bench.cli import bench_app
 from .documents import (
     Document,
     DocumentError,
@@ -123,7 +122,38 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(bench_app, name="bench")
+
+
+class _LazyBench(TyperGroup):
+    """`dynkv bench`: the benchmark commands of ``dynkv_bench``, imported only when bench runs.
+
+    ``dynkv --help`` lists the group from the help below; its commands (and torch, transformers) load
+    when they are listed (``dynkv bench --help``) or looked up (``dynkv bench speed ...``), built the
+    way ``add_typer`` builds them, so their options, help and errors are those of ``dynkv_bench.cli``.
+    """
+
+    def _load(self) -> None:
+        if self.commands:
+            return
+        from dynkv_bench.cli import bench_app
+
+        for info in bench_app.registered_commands:
+            cmd = typer.main.get_command_from_info(
+                info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=self.rich_markup_mode
+            )
+            self.commands[cmd.name] = cmd
+
+    def list_commands(self, ctx):
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, cmd_name):
+        self._load()
+        return super().get_command(ctx, cmd_name)
+
+
+BENCH_HELP = "Benchmarks: accuracy against budget, speed and memory."  # the same as dynkv_bench.cli's
+app.add_typer(typer.Typer(cls=_LazyBench, help=BENCH_HELP, no_args_is_help=True), name="bench")
 profiles_app = typer.Typer(
     help="Task profiles: list them, or show one.",
     epilog="Examples:\n\n\b\n  dynkv profiles\n  dynkv profiles show qa",

@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from dynkv_cli.bench.tasks import count_tokens, format_prompt, make_example
+from dynkv_bench.tasks import count_tokens, format_prompt, make_example
 
 HERE = Path(__file__).parent
 

@@ -9,8 +9,8 @@ import torch
 from tiny import make_model
 
 from dynkv_cli import load_model
-from dynkv_cli.bench import quality as Q
-from dynkv_cli.bench.tasks import format_prompt, make_example, make_suite, score
+from dynkv_bench import quality as Q
+from dynkv_bench.tasks import format_prompt, make_example, make_suite, score
 
 LENGTH = 512
 
@@ -180,7 +180,7 @@ def test_command_end_to_end(model_path, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from dynkv_cli.bench.cli import bench_app
+    from dynkv_bench.cli import bench_app
 
     root = typer.Typer()
     root.add_typer(bench_app, name="bench")

@@ -10,8 +10,8 @@ from importlib import resources
 import pytest
 from tiny import make_tokenizer
 
-from dynkv_cli.bench import tasks as T
-from dynkv_cli.bench.tasks import TASKS, Example, count_tokens, format_prompt, make_example, make_suite, score
+from dynkv_bench import tasks as T
+from dynkv_bench.tasks import TASKS, Example, count_tokens, format_prompt, make_example, make_suite, score
 
 #: every needle sentence the tasks insert (with its leading space)
 NEEDLE = re.compile(
@@ -157,7 +157,7 @@ def _shipped_text() -> str:
     """The shipped corpus file read directly (not through tasks.py): sentences joined as the
     generator joins them, a blank line between paragraphs."""
     out = []
-    with (resources.files("dynkv_cli.bench") / "data" / "news.jsonl.gz").open("rb") as raw:
+    with (resources.files("dynkv_bench") / "data" / "news.jsonl.gz").open("rb") as raw:
         for line in gzip.open(raw, "rt", encoding="utf-8"):
             out += ["\n\n" + " ".join(p) for p in json.loads(line)["paragraphs"]]
     return "".join(out)
@@ -167,7 +167,7 @@ def test_the_haystack_is_real_text_from_the_shipped_corpus(tokenizer):
     """Without its needles a document is one run of consecutive sentences of the shipped news text,
     different seeds start at different places, and a long document is mostly that text."""
     text = _shipped_text()
-    assert len(text) > 500_000 and (resources.files("dynkv_cli.bench") / "data" / "NOTICE").is_file()
+    assert len(text) > 500_000 and (resources.files("dynkv_bench") / "data" / "NOTICE").is_file()
     ring = text + text[:200_000]  # the filler wraps round at the corpus's end
     starts = set()
     for seed in range(3):

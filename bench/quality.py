@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import typer
 
-from ..config import CompressionSettings, GenerationSettings, RetentionSettings
-from ..engine import CompressedDocument, Engine
-from ..errors import UsageError
-from ..model import LoadedModel
-from ..prompt import TaskPrompt, encode, prompt_ids
+from dynkv_cli.config import CompressionSettings, GenerationSettings, RetentionSettings
+from dynkv_cli.engine import CompressedDocument, Engine
+from dynkv_cli.errors import UsageError
+from dynkv_cli.model import LoadedModel
+from dynkv_cli.prompt import TaskPrompt, encode, prompt_ids
 from .tasks import TASKS, Example, format_prompt, make_example, score, suite_seed
 
 FULL = "full"
@@ -84,7 +84,7 @@ def resolve_methods(text: str | None, mix: bool = False) -> list[str]:
     ``full`` is always measured (it is the reference) and is not listed here. With ``mix`` every method
     that scores with attention is measured a second time with MixKV mixing, as ``<method>+mix``.
     """
-    from ..methods import METHODS
+    from dynkv_cli.methods import METHODS
 
     names = split_words(text)
     if not names or names == ["all"]:
@@ -103,7 +103,7 @@ def resolve_methods(text: str | None, mix: bool = False) -> list[str]:
 
 
 def resolve_budgets(text: str | None) -> list[str]:
-    from ..budget import parse_budget
+    from dynkv_cli.budget import parse_budget
 
     words = split_words(text) or list(DEFAULT_BUDGETS)
     for w in words:
@@ -946,9 +946,9 @@ def quality_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..errors import DynkvError
-    from ..model import load_model
-    from ..userconfig import resolve_model
+    from dynkv_cli.errors import DynkvError
+    from dynkv_cli.model import load_model
+    from dynkv_cli.userconfig import resolve_model
 
     console = Console()
     err = Console(stderr=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import LoadedModel, model_shape, rope_inv_freq
+from dynkv_cli.model import LoadedModel, model_shape, rope_inv_freq
 
 #: Position limit given to every preset (and to configs read from disk), see the module docstring.
 MAX_POSITIONS = 1 << 21
@@ -178,7 +178,7 @@ def build_model(
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .. import attention  # registers the "dynkv" attention function
+    from dynkv_cli import attention  # registers the "dynkv" attention function
 
     dev = torch.device(device)
     config = preset_config(preset, vocab_size)

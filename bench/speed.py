@@ -1,7 +1,7 @@
 """`dynkv bench speed`: prefill, time to first token, decode and memory of each method against full KV.
 
     dynkv bench speed --preset mid --lengths 8k --budget 1.7% --json speed.json
-    python -m dynkv_cli.bench.speed --preset 8b --lengths 128k,1M --device cuda     # same command
+    python -m dynkv_bench.speed --preset 8b --lengths 128k,1M --device cuda     # same command
 
 For every document length the harness runs the **full-KV reference** (plain transformers: SDPA
 attention, a ``DynamicCache``, one prefill forward of the document, the question, a greedy decode loop;
@@ -22,8 +22,10 @@ the ``DynamicCache`` keys and values), the engine's scoring time and its share o
 estimate of the prefill's matrix-product FLOPs with the time they need at the measured matmul rate.
 Ratios are against the full-KV row of the same length, from the same run. With ``--repeats N`` every
 (length, method) runs N times, round robin, and the medians are reported (per-run numbers in the JSON):
-use it on a shared machine. ``--sync-score`` makes the engine's scoring time exact on CUDA (see
-:class:`_score_timer`).
+use it on a shared machine. ``--sync-score`` makes the engine's scoring time exact on CUDA: the engine
+(``Engine(sync_timing=True)``) synchronises the device before and after each layer's scoring step, at the
+cost of one device stall per layer (without it, on CUDA the host runs ahead of the device and the step's
+time includes the layer's queued work, so ``score_seconds`` is an upper bound).
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def _dtype_name(dtype: str | None, device: str) -> str:
-    from ..model import DTYPES, pick_device, pick_dtype
+    from dynkv_cli.model import DTYPES, pick_device, pick_dtype
 
     dt = pick_dtype(dtype, pick_device(device))
     return next(k for k, v in DTYPES.items() if v == dt and k in ("float32", "bfloat16", "float16"))
@@ -318,7 +320,7 @@ def machine_info(device: str, dtype: str) -> dict:
         props = torch.cuda.get_device_properties(dev)
         info.update(device_memory_bytes=props.total_memory, cuda=torch.version.cuda)
     try:
-        root = Path(__file__).resolve().parents[2]
+        root = Path(__file__).resolve().parents[1]
         info["git_commit"] = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
         ).stdout.strip()
@@ -424,58 +426,20 @@ def run_reference(lm, doc: list[int], question: list[int], spec: RunSpec, mem: _
     )
 
 
-class _score_timer:
-    """With ``on``: time the engine's per-layer scoring step with the device synchronised before and after.
-
-    The engine's own timer starts when the host reaches the step; on CUDA the host runs ahead of the
-    device, so the first synchronising call inside the step also waits for the layer's queued work and
-    the engine's ``score_seconds`` is an upper bound. Synchronising around the step makes it exact at the
-    cost of one device stall per layer (prefill gets a little slower).
-    """
-
-    def __init__(self, device: torch.device, on: bool):
-        self.device, self.on = device, on
-        self.total = [0.0]
-
-    def __enter__(self):
-        if not self.on:
-            return None
-        from .. import engine as engine_mod
-
-        self.cls = engine_mod._Pass
-        self.orig = orig = self.cls.after_attention
-        dev, total = self.device, self.total
-
-        def timed(pass_self, *args, **kwargs):
-            _sync(dev)
-            t = time.perf_counter()
-            try:
-                return orig(pass_self, *args, **kwargs)
-            finally:
-                _sync(dev)
-                total[0] += time.perf_counter() - t
-
-        self.cls.after_attention = timed
-        return total
-
-    def __exit__(self, *exc):
-        if self.on:
-            self.cls.after_attention = self.orig
-        return False
-
-
 def run_engine(lm, doc: list[int], spec: RunSpec, mem: _Memory) -> SpeedRow:
     """The method through dynkv's engine: chunked prefill with the probe, the question, greedy decode."""
-    from ..config import CompressionSettings, GenerationSettings
-    from ..engine import Engine
-    from ..prompt import TaskPrompt
+    from dynkv_cli.config import CompressionSettings, GenerationSettings
+    from dynkv_cli.engine import Engine
+    from dynkv_cli.prompt import TaskPrompt
 
     model, dev = lm.model, lm.device
     model.set_attn_implementation("dynkv")
+    synced = spec.sync_score and spec.method != "full"
     engine = Engine(
         lm,
         CompressionSettings(method=spec.method, budget=spec.budget, chunk_size=spec.chunk_size),
         GenerationSettings(max_new_tokens=spec.decode_tokens, temperature=0.0),
+        sync_timing=synced,
     )
     prompt = TaskPrompt(use_chat_template=False, before_document="", after_document="\n\n{question}")
     mem.start()
@@ -487,12 +451,11 @@ def run_engine(lm, doc: list[int], spec: RunSpec, mem: _Memory) -> SpeedRow:
         if p.phase == "prefill":
             held.append(mem.current() - mem.base)
 
-    with _score_timer(dev, spec.sync_score and spec.method != "full") as synced:
-        cdoc = engine.compress(doc, prompt, question=QUESTION, on_progress=on_progress)
-        _sync(dev)
+    cdoc = engine.compress(doc, prompt, question=QUESTION, on_progress=on_progress)
+    _sync(dev)
     prefill = time.perf_counter() - t0
     st = cdoc.stats
-    score_s = synced[0] if synced else st.score_seconds
+    score_s = st.score_seconds
     answer = engine.ask(cdoc, QUESTION)
     _sync(dev)
     wall = time.perf_counter() - t0
@@ -564,7 +527,7 @@ def _ref_would_not_fit(lm, n: int, spec: RunSpec) -> str | None:
 
 def measure(lm, spec: RunSpec) -> SpeedRow:
     """One row: warm up (short run of the same path), then measure ``spec`` on the model ``lm``."""
-    from ..errors import OutOfMemoryError
+    from dynkv_cli.errors import OutOfMemoryError
 
     vocab = lm.shape.vocab_size
     doc = document_ids(vocab, spec.length, spec.seed)
@@ -592,7 +555,7 @@ def measure(lm, spec: RunSpec) -> SpeedRow:
 
 
 def _build(spec: RunSpec, attn: str):
-    from ..model import DTYPES
+    from dynkv_cli.model import DTYPES
     from .presets import build_model
 
     if spec.threads:
@@ -621,7 +584,7 @@ def _run_isolated(spec: RunSpec) -> tuple[SpeedRow, dict | None]:
         sp, op = Path(tmp) / "spec.json", Path(tmp) / "row.json"
         sp.write_text(json.dumps(asdict(spec)))
         proc = subprocess.run(
-            [sys.executable, "-m", "dynkv_cli.bench.speed", "--child", str(sp), str(op)],
+            [sys.executable, "-m", "dynkv_bench.speed", "--child", str(sp), str(op)],
             capture_output=True,
             text=True,
         )
@@ -682,9 +645,9 @@ def run_speed(
     it, one model is built here and reused (fast; peaks after the first run may be lower, since the
     allocator keeps freed memory).
     """
-    from ..budget import parse_budget
-    from ..config import CompressionSettings
-    from ..model import pick_device
+    from dynkv_cli.budget import parse_budget
+    from dynkv_cli.config import CompressionSettings
+    from dynkv_cli.model import pick_device
 
     dev = pick_device(device)
     dtype_name = _dtype_name(dtype, str(dev))
@@ -758,7 +721,7 @@ def median_row(runs: list[SpeedRow]) -> SpeedRow:
 def _run_all(base: RunSpec, methods, lengths, isolate, measure_matmul, on_row, repeats: int = 1) -> SpeedReport:
     from dataclasses import replace
 
-    from ..model import DTYPES
+    from dynkv_cli.model import DTYPES
 
     dev = torch.device(base.device)
     machine = machine_info(base.device, base.dtype)
@@ -904,7 +867,7 @@ def speed_command(
         else:
             err.print(f"[yellow]{row.doc_tokens:>8,} {row.method:<13} {row.status}: {row.note}[/]")
 
-    from ..errors import UsageError
+    from dynkv_cli.errors import UsageError
 
     try:
         report = run_speed(
@@ -945,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app = typer.Typer(add_completion=False)
     app.command()(speed_command)
-    app(argv, prog_name="python -m dynkv_cli.bench.speed")
+    app(argv, prog_name="python -m dynkv_bench.speed")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Build news.jsonl.gz, the real text of the task generator's haystacks, from LongBench multi_news.
 
-    python dynkv_cli/bench/data/build_news.py path/to/multi_news.jsonl [--out dynkv_cli/bench/data/news.jsonl.gz]
+    python bench/data/build_news.py path/to/multi_news.jsonl [--out bench/data/news.jsonl.gz]
 
 Reads records 100..199 of the LongBench multi_news file (``context``: several news articles, each
 after a "Passage N:" line; ``NEWLINE_CHAR`` stands for a newline). Records 0..99 are left for

@@ -1,7 +1,7 @@
 """Micro-benchmark: each kernel against its torch reference.
 
     dynkv bench kernels [--json out.json] [--triton] [--repeats N]
-    (the same as python -m dynkv_cli.bench.kernels ...)
+    (the same as python -m dynkv_bench.kernels ...)
 
 On CUDA: Llama-3-8B-like shapes (G=8 KV heads, g=4, d=128, bf16; w up to 64, n up to 128k), the
 Triton kernels whenever triton imports, and for the score kernel the achieved bandwidth
@@ -204,7 +204,7 @@ def render(rows: list[Row], copy_gbs: float | None, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynkv_cli.bench.kernels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dynkv_bench.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the rows and the device info to this file")
     parser.add_argument(
         "--triton",
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         # (transformers, torch) already imported it: start again with the variable set.
         os.environ["TRITON_INTERPRET"] = "1"
         argv = sys.argv[1:] if argv is None else argv
-        os.execv(sys.executable, [sys.executable, "-m", "dynkv_cli.bench.kernels", *argv])
+        os.execv(sys.executable, [sys.executable, "-m", "dynkv_bench.kernels", *argv])
     from dynkv_cli.kernels import triton_available
 
     if want_triton and not triton_available():
