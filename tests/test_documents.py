@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dynkv_cli import documents
-from dynkv_cli.documents import Document, DocumentError, iter_documents, open_document, set_debug
+from dynkv_cli.documents import Document, DocumentError, Segment, iter_documents, open_document, set_debug
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pdfmaker  # noqa: E402
@@ -245,7 +245,7 @@ def test_windows_1252_fallback_keeps_smart_quotes(tmp_path):
 
 
 def test_large_text_streams_in_segments_split_at_newlines(tmp_path, monkeypatch):
-    monkeypatch.setattr(documents, "SEGMENT_CHARS", 100)
+    monkeypatch.setattr(documents.base, "SEGMENT_CHARS", 100)
     lines = [f"line {i:03d} " + "x" * (i % 17) for i in range(1, 201)]
     text = "\n".join(lines) + "\n"
     p = tmp_path / "big.log"
@@ -260,7 +260,7 @@ def test_large_text_streams_in_segments_split_at_newlines(tmp_path, monkeypatch)
 
 
 def test_one_huge_line_is_cut_eventually(tmp_path, monkeypatch):
-    monkeypatch.setattr(documents, "SEGMENT_CHARS", 50)
+    monkeypatch.setattr(documents.base, "SEGMENT_CHARS", 50)
     p = tmp_path / "one.txt"
     p.write_text("y" * 1000)
     segs = list(open_document(p).segments())
@@ -333,7 +333,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(documents, "open", denied, raising=False)  # works as root too
+    monkeypatch.setattr(documents.registry, "open", denied, raising=False)  # works as root too
     assert err(open_document, p) == f"cannot read {p}: permission denied (check the file's permissions)"
 
 
@@ -537,13 +537,131 @@ def test_password_applies_to_every_pdf(pdfs, tmp_path):
     assert item.source == str(pdfs["locked"])
 
 
+# ---------------------------------------------------------------- the reader registry
+
+# One sample per registered suffix: what to write and the kind of Document it gives.
+SAMPLES = {
+    **{s: (b"plain words\n", "text") for s in (".txt", ".text", ".rst", ".log", ".csv", ".json")},
+    ".md": (b"# Title\n\nwords\n", "markdown"),
+    ".markdown": (b"# Title\n\nwords\n", "markdown"),
+    ".pdf": (None, "pdf"),  # the module's text PDF
+    ".jsonl": (b'{"context": "one record"}\n', "jsonl-record"),
+}
+
+
+def test_every_registered_suffix_has_a_sample():
+    assert documents.accepted_suffixes() == tuple(SAMPLES)  # the order the unsupported-type message lists
+    assert documents.ACCEPTED_SUFFIXES == tuple(SAMPLES)
+
+
+@pytest.mark.parametrize("suffix", list(SAMPLES))
+def test_every_registered_suffix_opens_its_kind_of_file(suffix, tmp_path, pdfs):
+    content, kind = SAMPLES[suffix]
+    p = tmp_path / f"sample{suffix.upper()}"  # suffixes match in any case
+    p.write_bytes(pdfs["text"].read_bytes() if content is None else content)
+    doc = open_document(p)
+    assert doc.kind == kind and doc.text().strip()
+    [item] = iter_documents([tmp_path])  # and folder walking picks the file
+    assert item.kind == kind
+
+
+@pytest.mark.parametrize(("content", "kind"), [(b"notes\n", "text"), (None, "pdf")])
+def test_a_file_without_a_suffix_is_sniffed_by_its_first_bytes(content, kind, tmp_path, pdfs):
+    p = tmp_path / "NOTES"
+    p.write_bytes(pdfs["text"].read_bytes() if content is None else content)
+    assert open_document(p).kind == kind
+
+
+class ShoutReader(documents.base.Reader):
+    """A reader for the made-up ".shout" format: the file's text in capitals, one segment."""
+
+    def segments(self, doc):
+        yield Segment(doc.path.read_text().upper(), doc.source, "")
+
+
+def open_shout(f: documents.FileInput) -> Document:
+    return Document(source=f.source, path=f.path, kind="shout", fingerprint=f.fingerprint, _reader=ShoutReader())
+
+
+def each_shout(p: Path, source: str):
+    """Two documents per .shout file, to show a format with several documents in a file."""
+    for n in (1, 2):
+        yield open_shout_member(p, source, n)
+
+
+def open_shout_member(p: Path, source: str, n: int) -> Document:
+    return Document(source=f"{source}#{n}", path=p, kind="shout", fingerprint=str(n), _reader=ShoutReader())
+
+
+@pytest.fixture
+def shout():
+    """Register ".shout" for one test (and forget it after)."""
+    documents.register_reader(".shout")(open_shout)
+    yield
+    documents.unregister_reader(".shout")
+
+
+def test_a_registered_reader_is_used_by_open_document(shout, tmp_path):
+    p = tmp_path / "memo.shout"
+    p.write_text("quiet words")
+    doc = open_document(p)
+    assert (doc.kind, doc.text(), doc.source) == ("shout", "QUIET WORDS", str(p))
+    other = tmp_path / "memo.docx"
+    other.write_bytes(b"PK")
+    msg = err(open_document, other)
+    assert "dynkv reads .txt .text .rst .log .csv .json .md .markdown .pdf .jsonl .shout (and" in msg
+
+
+def test_a_registered_reader_is_used_by_folder_walking(shout, tmp_path):
+    (tmp_path / "a.txt").write_text("plain")
+    (tmp_path / "b.shout").write_text("loud")
+    (tmp_path / "c.docx").write_bytes(b"PK")
+    items = list(iter_documents([tmp_path]))
+    assert [(x.kind, x.text()) for x in items] == [("text", "plain"), ("shout", "LOUD")]
+    assert documents.skipped_files([tmp_path]) == {str(tmp_path): [str(tmp_path / "c.docx")]}
+
+
+def test_a_reader_with_several_documents_per_file(tmp_path):
+    documents.register_reader(".shout", each=each_shout, member=open_shout_member)(open_shout)
+    try:
+        p = tmp_path / "two.shout"
+        p.write_text("hey")
+        assert sources(iter_documents([tmp_path])) == [f"{p}#1", f"{p}#2"]
+        assert open_document(f"{p}#2").source == f"{p}#2"
+        assert sources(iter_documents([f"{p}#2"])) == [f"{p}#2"]
+    finally:
+        documents.unregister_reader(".shout")
+
+
+def test_an_unregistered_suffix_gives_the_unsupported_type_message(tmp_path):
+    p = tmp_path / "memo.shout"
+    p.write_text("quiet words")
+    assert err(open_document, p) == (
+        f"{p} has an unsupported type '.shout': dynkv reads .txt .text .rst .log .csv .json .md .markdown .pdf "
+        ".jsonl (and text files without a suffix); convert it to PDF or plain text first, "
+        "or rename it to .txt if it is plain text"
+    )
+    assert err(iter_documents, [tmp_path]) == (
+        f"{tmp_path} has no files dynkv can read (.txt .text .rst .log .csv .json .md .markdown .pdf .jsonl): "
+        "check the folder, or pass --pattern"
+    )
+    assert documents.skipped_files([tmp_path]) == {str(tmp_path): [str(p)]}
+
+
+@pytest.mark.parametrize("bad", ["shout", ".SHOUT", "."])
+def test_a_suffix_is_registered_as_dot_and_lower_case(bad):
+    with pytest.raises(ValueError, match="lower-case"):
+        documents.register_reader(bad)
+
+
 # ---------------------------------------------------------------- library boundaries
 
 
 def test_documents_does_not_import_torch_or_the_cli():
-    tree = ast.parse(Path(documents.__file__).read_text())
     names = set()
-    for node in ast.walk(tree):
+    modules = sorted(Path(documents.__file__).parent.glob("*.py"))
+    assert len(modules) > 5  # the package, not one file
+    for node in (n for m in modules for n in ast.walk(ast.parse(m.read_text()))):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
