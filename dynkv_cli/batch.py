@@ -416,7 +416,7 @@ def profile_settings(profile, task: str, questions: Sequence[str] = (), chunk_si
         "questions_mode": p.questions if task != "summarize" else None,
         "questions": _digest(list(questions)) if questions else None,
         "prompt": _digest(prompt),
-        "retention": _digest(_non_default(p.retention)),
+        "retention": _digest({k: v for part in p.compression.spec.settings for k, v in _non_default(part).items()}),
     }
     if isinstance(settings["stop"], tuple):
         settings["stop"] = list(settings["stop"])

@@ -45,66 +45,223 @@ _ST_DTYPES = {
     torch.bool: "BOOL",
 }
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+#: Factor a full layer's buffers grow by when an update does not fit (x1.5: growth amortised, O(log n) times).
+GROWTH = 1.5
+
+
+@dataclass
+class HeadGroup:
+    """KV heads ``start:stop`` of a layer as the engine's step sees them: keys, values ``[g, n, d]``,
+    positions and stored scores ``[g, n]`` (views; the heads of a group hold the same number of entries)."""
+
+    start: int
+    stop: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    scores: torch.Tensor
 
 
 class CompressedLayer(DynamicLayer):
-    """One layer of the compressed cache. ``update`` appends; the engine selects and truncates."""
+    """One layer of the compressed cache. ``update`` appends; the engine selects and truncates.
+
+    Storage is preallocated and written in place: buffers ``[1, G, capacity, d]`` (keys, values) and
+    ``[G, capacity]`` (positions, scores) of which the first :attr:`length` entries per head are valid.
+    ``keys``, ``values``, ``positions`` and ``scores`` are views of that valid part, so an update, a
+    ``select`` or a ``truncate`` never allocates a new copy of the layer (no per-token ``torch.cat``,
+    no heap churn). An update that does not fit grows the buffers by :data:`GROWTH` (amortised: a
+    layer grows O(log n) times). Assigning one of the four attributes adopts the tensor as its buffer.
+    """
 
     def __init__(self, cache: CompressedCache):
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._p: torch.Tensor | None = None
+        self._s: torch.Tensor | None = None
+        self._n = 0
+        #: how many times the buffers were reallocated to grow (tests check it stays O(log n))
+        self.growths = 0
         super().__init__()
         self._cache = cache
-        self.positions: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
+
+    # ---- the views the rest of dynkv reads (assigning adopts the tensor as the buffer) ----------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self._n]
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._k = self._adopt(t, -2)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self._n]
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._v = self._adopt(t, -2)
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return None if self._p is None else self._p[:, : self._n]
+
+    @positions.setter
+    def positions(self, t: torch.Tensor | None) -> None:
+        self._p = self._adopt(t, -1)
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return None if self._s is None else self._s[:, : self._n]
+
+    @scores.setter
+    def scores(self, t: torch.Tensor | None) -> None:
+        self._s = self._adopt(t, -1)
+
+    def _adopt(self, t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        """A tensor assigned whole (a loaded file, transformers' own helpers) becomes the buffer, full."""
+        if t is not None:
+            self._n = t.shape[dim]
+        return t
+
+    @property
+    def capacity(self) -> int:
+        """Entries per KV head the buffers hold before they must grow."""
+        return 0 if self._k is None else self._k.shape[-2]
+
+    def _allocate(self, like_k: torch.Tensor, like_v: torch.Tensor, cap: int) -> None:
+        """New buffers of ``cap`` entries per head (shapes and dtypes from ``like_k``/``like_v``); valid part copied."""
+        B, G = like_k.shape[0], like_k.shape[1]
+        dev = like_k.device
+        k = like_k.new_empty(B, G, cap, like_k.shape[-1])
+        v = like_v.new_empty(B, G, cap, like_v.shape[-1])
+        p = torch.empty(G, cap, dtype=torch.long, device=dev)
+        s = torch.empty(G, cap, dtype=torch.float32, device=dev)
+        n = self._n
+        if self._k is not None and n:
+            k[:, :, :n].copy_(self.keys)
+            v[:, :, :n].copy_(self.values)
+            p[:, :n].copy_(self.positions)
+            s[:, :n].copy_(self.scores)
+        self._k, self._v, self._p, self._s = k, v, p, s
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        G, d = key_states.shape[1], key_states.shape[-1]
-        self.keys = key_states.new_zeros(1, G, 0, d)
-        self.values = value_states.new_zeros(1, G, 0, value_states.shape[-1])
-        self.positions = torch.zeros(G, 0, dtype=torch.long, device=key_states.device)
-        self.scores = torch.zeros(G, 0, dtype=torch.float32, device=key_states.device)
+        """Buffers for the cache's ``capacity`` (None: just this first update), empty."""
+        self.device = key_states.device
+        self.is_initialized = True
+        self._n = 0
+        self._allocate(key_states, value_states, max(self._cache.capacity or 0, key_states.shape[-2]))
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take ``keys``/``values`` ``[1, G, n, d]`` (a loaded file) as full buffers; set positions and scores next."""
+        self.device = keys.device
+        self.is_initialized = True
+        self.keys, self.values = keys, values
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` entries per head: grow by :data:`GROWTH` (at least to ``n``) when full."""
+        cap = self.capacity
+        if n <= cap:
+            return
+        self._allocate(self._k, self._v, max(n, int(cap * GROWTH) + 1))
+        self.growths += 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new entries after the valid ones, in place; returns views of all valid keys and values."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[-2]
+        q, n = key_states.shape[-2], self._n
+        self.reserve(n + q)
         pos = self._cache.new_positions(q)
-        G = key_states.shape[1]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, pos.to(self.positions.device)[None, :].expand(G, q)], dim=1)
-        self.scores = torch.cat([self.scores, self.scores.new_zeros(G, q)], dim=1)
+        self._k[:, :, n : n + q].copy_(key_states)
+        self._v[:, :, n : n + q].copy_(value_states)
+        self._p[:, n : n + q].copy_(pos[None, :])  # broadcast over heads; copy_ moves it to the device
+        self._s[:, n : n + q].zero_()
+        self._n = n + q
         return self.keys, self.values
 
     @property
     def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self._k is None else self._n
 
     def get_seq_length(self) -> int:
         return self.length
 
+    def _gather_into(self, buf: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """``buf[..., :k] = valid(buf).gather(dim, index)`` through the cache's scratch (no new layer-sized copy)."""
+        src = buf.narrow(dim, 0, self._n)
+        tmp = self._cache.scratch(tuple(index.shape), buf.dtype, buf.device)
+        torch.gather(src, dim, index, out=tmp)
+        buf.narrow(dim, 0, index.shape[dim]).copy_(tmp)
+
     def select(self, index: torch.Tensor, scores: torch.Tensor | None = None) -> None:
-        """Keep entries ``index`` ([G, k], ascending per head) of every head; free the rest."""
+        """Keep entries ``index`` ([G, k], ascending per head) of every head; free the rest (in place)."""
         G, k = index.shape
-        d_k, d_v = self.keys.shape[-1], self.values.shape[-1]
-        self.keys = self.keys.gather(2, index[None, :, :, None].expand(1, G, k, d_k)).contiguous()
-        self.values = self.values.gather(2, index[None, :, :, None].expand(1, G, k, d_v)).contiguous()
-        self.positions = self.positions.gather(1, index)
-        self.scores = scores if scores is not None else self.scores.gather(1, index)
+        d_k, d_v = self._k.shape[-1], self._v.shape[-1]
+        self._gather_into(self._k, 2, index[None, :, :, None].expand(1, G, k, d_k))
+        self._gather_into(self._v, 2, index[None, :, :, None].expand(1, G, k, d_v))
+        self._gather_into(self._p, 1, index)
+        if scores is not None:
+            self._s[:, :k].copy_(scores)
+        else:
+            self._gather_into(self._s, 1, index)
+        self._n = k
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` entries (drops a question/answer appended after the document)."""
-        if self.keys is None or n >= self.length:
+        if self._k is None or n >= self._n:
             return
-        self.keys = self.keys[:, :, :n].contiguous()
-        self.values = self.values[:, :, :n].contiguous()
-        self.positions = self.positions[:, :n].contiguous()
-        self.scores = self.scores[:, :n].contiguous()
+        self._n = n
 
     def nbytes(self) -> int:
+        """Bytes of the kept entries (what a budget buys), not of the buffers (see :meth:`reserved_bytes`)."""
         if self.keys is None:
             return 0
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores))
+
+    def reserved_bytes(self) -> int:
+        """Bytes of the buffers, valid or not (the memory the layer actually holds)."""
+        bufs = [t for t in (self._k, self._v, self._p, self._s) if t is not None]
+        return sum(t.numel() * t.element_size() for t in bufs)
+
+
+    # ---- the engine's per-layer step reads and cuts a layer through these (both layouts) ----------
+    @property
+    def num_kv_heads(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def head_groups(self) -> list[HeadGroup]:
+        """All KV heads as one group (they hold the same number of entries): ``[G, n, ...]`` views."""
+        return [HeadGroup(0, self.num_kv_heads, self.keys[0], self.values[0], self.positions, self.scores)]
+
+    def doc_rows(self, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored scores and positions of the document entries as a cross-layer update ranks them: ``[G, n]``
+        (counts per KV head)."""
+        if self.keys is None:
+            return torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.long)
+        return self.scores[:, prefix_len:], self.positions[:, prefix_len:]
+
+    def head_rows(self, prefix_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per KV head: (stored scores, positions) of its document entries."""
+        s, p = self.doc_rows(prefix_len)
+        return list(zip(s.unbind(0), p.unbind(0)))
+
+    def keep(self, prefix_len: int, index: list[torch.Tensor] | None, scores: list[torch.Tensor] | None) -> None:
+        """Keep the prefix and, of head ``h``, document entries ``index[h]`` (ascending, counted from the
+        prefix's end); free the rest. ``index`` None: keep the first ``len(scores[h])`` document entries.
+        ``scores`` (when given) become the kept entries' stored scores. Heads keep equal counts here."""
+        P = prefix_len
+        if index is None:
+            n = int(scores[0].numel())
+            self.truncate(P + n)
+            self.scores[:, P : P + n] = torch.stack(scores)
+            return
+        idx = torch.stack(index)
+        G = idx.shape[0]
+        keep = torch.cat([torch.arange(P, device=idx.device).expand(G, P), idx + P], dim=1)
+        kept = None
+        if scores is not None:
+            kept = torch.cat([self.scores.new_zeros(G, P), torch.stack(scores).to(torch.float32)], dim=1)
+        self.select(keep, kept)
 
 
 class RaggedLayer(DynamicLayer):
@@ -201,6 +358,45 @@ class RaggedLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores))
 
 
+    # ---- the engine's per-layer step reads and cuts a layer through these (both layouts) ----------
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.lens)
+
+    def head_groups(self) -> list[HeadGroup]:
+        """One group per KV head (heads hold different numbers of entries): ``[1, n_h, ...]`` views."""
+        out = []
+        for h in range(len(self.lens)):
+            k, v, p, s = self.head(h)
+            out.append(HeadGroup(h, h + 1, k[None], v[None], p[None], s[None]))
+        return out
+
+    def head_rows(self, prefix_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per KV head: (stored scores, positions) of its document entries."""
+        return [(s[prefix_len:], p[prefix_len:]) for _, _, p, s in (self.head(h) for h in range(len(self.lens)))]
+
+    def doc_rows(self, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored scores and positions of all heads' document entries in one row ``[1, T]`` (a cross-layer
+        update counts per layer over all heads)."""
+        if self.keys is None:
+            return torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.long)
+        rows = self.head_rows(prefix_len)
+        return torch.cat([s for s, _ in rows])[None], torch.cat([p for _, p in rows])[None]
+
+    def keep(self, prefix_len: int, index: list[torch.Tensor] | None, scores: list[torch.Tensor] | None) -> None:
+        """Keep the prefix and, of head ``h``, document entries ``index[h]`` (ascending, counted from the
+        prefix's end); free the rest. ``index`` None: keep the first ``len(scores[h])`` of each head.
+        ``scores`` (when given) become the kept entries' stored scores."""
+        P, dev = prefix_len, self.keys.device
+        if index is None:
+            index = [torch.arange(int(s.numel()), device=dev) for s in scores]
+        full = [torch.cat([torch.arange(P, device=dev), i + P]) for i in index]
+        kept = None
+        if scores is not None:
+            kept = [torch.cat([s.new_zeros(P, dtype=torch.float32), s.to(torch.float32)]) for s in scores]
+        self.select_heads(full, kept)
+
+
 @dataclass
 class ModelShape:
     """What a cache must match: layers, KV heads, head dim and the model's identity."""
@@ -228,14 +424,35 @@ class CompressedCache(Cache):
     positions; ``next_pos`` is the position the next token will take.
     """
 
-    def __init__(self, num_layers: int, ragged: bool = False):
+    def __init__(self, num_layers: int, ragged: bool = False, capacity: int | None = None):
+        """``capacity``: entries per KV head a (uniform) layer may hold during prefill, preallocated at its
+        first update (the engine knows it: the largest layer budget + chunk + probe); None: unknown, the
+        buffers start at the first update's size and grow geometrically."""
         layer_cls = RaggedLayer if ragged else CompressedLayer
+        self.capacity = capacity
+        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         super().__init__(layers=[layer_cls(self) for _ in range(num_layers)])
         self.ragged = ragged
         self.pending_positions: torch.Tensor | None = None
         self.next_pos = 0
         self.prefix_len = 0
         self.compactions = 0
+
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous temporary of ``shape``, shared by all layers (one ``select`` at a time uses it).
+
+        ``select`` gathers kept entries here and copies them back into the layer's buffer, so a chunk's
+        compression allocates nothing once the scratch has grown to the largest layer."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        key = (dtype, torch.device(device))
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            old = 0 if buf is None else buf.numel()
+            buf = torch.empty(max(numel, int(old * GROWTH)), dtype=dtype, device=device)
+            self._scratch[key] = buf
+        return buf[:numel].view(shape)
 
     def new_positions(self, q: int) -> torch.Tensor:
         """Original positions of the ``q`` tokens being appended (set by the engine before a forward)."""
@@ -278,6 +495,11 @@ class CompressedCache(Cache):
         """Bytes the cache holds now: keys, values, positions and scores of every layer."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def reserved_bytes(self) -> int:
+        """Bytes the cache's storage takes: every layer's buffers (valid or not) and the select scratch."""
+        layers = sum(getattr(layer, "reserved_bytes", layer.nbytes)() for layer in self.layers)
+        return layers + sum(t.numel() * t.element_size() for t in self._scratch.values())
+
     def truncate(self, lengths: list[int]) -> None:
         for layer, n in zip(self.layers, lengths):
             layer.truncate(n)
@@ -294,12 +516,12 @@ class CompressedCache(Cache):
                 continue
             new = mapping(layer.positions)
             delta = new - layer.positions
-            if bool((delta != 0).any()):
+            if bool((delta != 0).any()):  # written in place: a layer's preallocated buffers stay
                 if self.ragged:  # [T, d] -> [1, 1, T, d]
-                    layer.keys = rotate(layer.keys[None, None], delta[None])[0, 0]
+                    layer.keys.copy_(rotate(layer.keys[None, None], delta[None])[0, 0])
                 else:
-                    layer.keys = rotate(layer.keys, delta)
-                layer.positions = new
+                    layer.keys.copy_(rotate(layer.keys, delta))
+                layer.positions.copy_(new)
         self.compactions += 1
 
     # ---- files -------------------------------------------------------------------------------
@@ -391,9 +613,7 @@ class CompressedCache(Cache):
                     layer.lazy_initialization(k[None, None], v[None, None])
                     layer.keys, layer.values, layer.lens = k.to(device), v.to(device), lens
                 else:
-                    layer.lazy_initialization(k[None], v[None])
-                    layer.keys = k[None].to(device)
-                    layer.values = v[None].to(device)
+                    layer.adopt(k[None].to(device), v[None].to(device))
                 layer.positions = get(f"layer.{i}.positions").to(device)
                 layer.scores = get(f"layer.{i}.scores").to(device)
         cache.next_pos = int(meta["next_pos"])

@@ -1,66 +1,12 @@
-"""Settings for the engine: retention preset, compression and generation."""
+"""Settings for the engine: what to compress with (method, budget, chunk) and how to generate."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
+from .budget import Budget, parse_budget
 from .errors import UsageError
-
-POOLINGS = ("max", "avg", "none")
-OBSERVATIONS = ("probe", "tail")
-
-
-@dataclass
-class RetentionSettings:
-    """How tokens are scored and how budgets move between layers (ALGORITHMS.md sections 1-3).
-
-    window: observation window ``w`` for ``observation="tail"`` (the last ``w`` chunk tokens observe and
-        are kept while their chunk is compressed); with a probe, the probe observes.
-    pooling / kernel: pooling of scores over neighbours in the original document.
-    r_max / r_min: per-layer cap and floor as multiples of the average budget ``B`` (DynamicKV).
-    update_interval: DynamicKV's progressive update every ``m`` layers (the last layer always updates).
-    observation: ``probe`` (the task's question/instruction after each chunk; its keys never stay)
-        or ``tail`` (SnapKV-style window).
-    sink_tokens: StreamingLLM's attention sinks (first document tokens always kept).
-    pyramid_beta: PyramidKV's ratio between the largest and smallest layer budget.
-    mix: MixKV mixing of importance and diversity (any method that scores with attention).
-    head_adaptive: DynamicKV heads of a layer compete for the layer's budget (AdaKV-style, ragged storage).
-    adakv_alpha: AdaKV's safeguard toward the uniform share per head.
-    """
-
-    window: int = 8
-    pooling: str = "max"
-    kernel: int = 7
-    r_max: float = 10.0
-    r_min: float = 0.0
-    update_interval: int = 4
-    observation: str = "probe"
-    sink_tokens: int = 4
-    pyramid_beta: float = 20.0
-    mix: bool = False
-    head_adaptive: bool = False
-    adakv_alpha: float = 0.2
-
-    def validate(self) -> RetentionSettings:
-        if self.pooling not in POOLINGS:
-            raise UsageError(f"pooling {self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        if self.observation not in OBSERVATIONS:
-            raise UsageError(f"observation {self.observation!r} is not one of {', '.join(OBSERVATIONS)}")
-        if self.window < 1:
-            raise UsageError(f"window must be at least 1 (got {self.window})")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise UsageError(f"pooling kernel must be an odd number >= 1 (got {self.kernel})")
-        if self.update_interval < 1:
-            raise UsageError(f"update_interval must be at least 1 (got {self.update_interval})")
-        if self.r_max < 1:
-            raise UsageError(f"r_max must be at least 1 (got {self.r_max})")
-        if not 0 <= self.r_min <= 1:
-            raise UsageError(f"r_min must be between 0 and 1 (got {self.r_min})")
-        if not 0 <= self.adakv_alpha <= 1:
-            raise UsageError(f"adakv_alpha must be between 0 and 1 (got {self.adakv_alpha})")
-        if self.sink_tokens < 0:
-            raise UsageError(f"sink_tokens must be >= 0 (got {self.sink_tokens})")
-        return self
+from .methods import MethodSpec, parse_method
 
 
 @dataclass
@@ -92,29 +38,60 @@ class GenerationSettings:
         return self
 
 
+#: retention keys of caches and profiles written before methods owned their settings -> today's names
+_LEGACY_NAMES = {"pyramid_beta": "beta", "adakv_alpha": "alpha"}
+
+
 @dataclass
 class CompressionSettings:
-    """What to compress with: method name, budget word, chunk size (None: 1024 on CPU, 4096 on GPU)."""
+    """What to compress with: a method word, a budget, a chunk size and the method's own settings.
+
+    method: ``dynamickv``, ``snapkv+mix``, ``dynamickv+adakv``... (:func:`~dynkv_cli.methods.parse_method`).
+    budget: a :class:`~dynkv_cli.budget.Budget`; a word (``1.7%``, ``128``, ``512MiB``) or an int is
+        parsed here, once, and the rest of the library passes the value on.
+    chunk_size: tokens per prefill chunk (None: 1024 on CPU, 4096 on GPU).
+    retention: the method's settings by name (``r_min``, ``window``, ``alpha``...); names of other
+        methods are ignored, unknown names are an error. ``spec`` holds them parsed, per part.
+    """
 
     method: str = "dynamickv"
-    budget: str = "1.7%"
+    budget: Budget | str | int = "1.7%"
     chunk_size: int | None = None
-    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    retention: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> CompressionSettings:
-        from .budget import parse_budget
-        from .methods import METHODS
-
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
-        parse_budget(self.budget)
+        """Parse the budget word (once) and the method with its settings; raise :class:`UsageError` if wrong."""
+        if not isinstance(self.budget, Budget):
+            self.budget = parse_budget(self.budget)
+        self.spec: MethodSpec = parse_method(self.method, self.retention)
+        self.retention = self.spec.retention()  # every setting of this method, defaults filled in
         if self.chunk_size is not None and self.chunk_size < 1:
             raise UsageError(f"chunk size must be at least 1 (got {self.chunk_size})")
-        self.retention.validate()
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: the budget as its word, the retention as every part's settings."""
+        return {
+            "method": self.method,
+            "budget": str(self.budget),
+            "chunk_size": self.chunk_size,
+            "retention": self.spec.retention(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionSettings:
+        """Read :meth:`to_dict`'s mapping back (also the one caches written before today's names hold)."""
+        d = dict(data)
+        ret = {_LEGACY_NAMES.get(k, k): v for k, v in dict(d.pop("retention", None) or {}).items()}
+        method = str(d.get("method", "dynamickv"))
+        for flag, part in (("head_adaptive", "adakv"), ("mix", "mix")):
+            if ret.pop(flag, False) and part not in method.split("+"):
+                method += f"+{part}"
+        d["method"] = method
+        return dataclass_from_dict(cls, {**d, "retention": ret}, "settings")
 
 
 def dataclass_from_dict(cls, data: dict, what: str):

@@ -8,7 +8,7 @@
         the probe's keys are dropped
     suffix (question, answer prefix) -> forward over the cache -> decode -> the question is removed
 
-See ALGORITHMS.md sections 1-3. Everything the CLI does goes through :class:`Engine`.
+How and why: ``docs/engine.md``. Everything the CLI does goes through :class:`Engine`.
 """
 
 from __future__ import annotations
@@ -26,18 +26,16 @@ from pathlib import Path
 
 import torch
 
-from .budget import PERCENT_WARN_TOKENS, Budget, fitting_budget, format_bytes, parse_budget, parse_memory
+from .budget import PERCENT_WARN_TOKENS, Budget, fitting_budget, format_bytes, parse_memory
 from .cache import CompressedCache
-from .config import CompressionSettings, GenerationSettings, RetentionSettings, dataclass_from_dict
+from .config import CompressionSettings, GenerationSettings, dataclass_from_dict
 from .errors import CacheFileError, CacheTooLargeError, DynkvError, OutOfMemoryError, UsageError
 from .kernels import observation_scores
-from .methods import METHODS, Method
-from .methods.adakv import head_counts
+from .methods import Method, parse_method
 from .methods.base import Candidates
-from .methods.mixkv import mix_scores
 from .model import LoadedModel, rotate_keys
 from .prompt import TaskPrompt, encode, prompt_ids
-from .repetition import find_loop, pending_repeat
+from .decode import decode, eos_ids, loop_end, pick, stop_at
 
 DEFAULT_PROBE = "Answer questions about the document above."
 #: Positions kept free after the document for a question and its prompt (besides max_new_tokens).
@@ -123,7 +121,7 @@ class CompressedDocument:
             "model": self.model_name,
             "model_fingerprint": self.model_fingerprint,
             "method": self.settings.method,
-            "budget": self.settings.budget,
+            "budget": str(self.settings.budget),
             "document_fingerprint": self.fingerprint,
             "source": self.source,
             "prompt": asdict(self.prompt),
@@ -203,7 +201,13 @@ def _rss_bytes() -> int:
 
 
 class _Pass:
-    """One forward pass of a chunk (+ probe): scores and compresses each layer right after its attention."""
+    """One forward pass of a chunk (+ probe): scores and cuts each layer right after its attention.
+
+    One path for every method and both cache layouts: a layer hands out its heads in groups (all KV
+    heads at once when they keep the same count, one by one when they do not), the method scores each
+    group's candidates, :meth:`Method.head_counts` shares the layer's entries between heads, and the
+    layer keeps the top of each head. Every ``m`` layers the method may move budget between layers.
+    """
 
     #: observation queries per block when every chunk query observes (H2O): bounds the [rows x keys] tile
     OBS_BLOCK = 256
@@ -212,16 +216,19 @@ class _Pass:
         self,
         cache: CompressedCache,
         method: Method,
-        retention: RetentionSettings,
         n_chunk: int,
         n_probe: int,
         pin_from: int | None,
         n_obs: int,
+        sync: bool = False,
     ):
-        self.cache, self.method, self.retention = cache, method, retention
+        """``pin_from``: the position from which chunk entries stay whatever their score (None: none);
+        ``n_obs``: the observing queries at the end of the pass (probe or tail window); ``sync``:
+        synchronise the device around each scoring step (exact ``score_seconds`` on CUDA)."""
+        self.cache, self.method = cache, method
         self.n_chunk, self.n_probe, self.pin_from, self.n_obs = n_chunk, n_probe, pin_from, n_obs
+        self.sync = sync
         self.score_seconds = 0.0
-        self.sync = False  # Engine(sync_timing=True): synchronise around the scoring step
 
     def _pinned(self, positions: torch.Tensor) -> torch.Tensor:
         if self.pin_from is None:
@@ -230,7 +237,7 @@ class _Pass:
 
     def _observe(self, query: torch.Tensor, keys: torch.Tensor, scaling: float, end: int) -> torch.Tensor:
         """Observation attention ``[G, end]`` of ``query`` ``[1, H, q, d]`` over ``keys`` ``[G, n, d]``."""
-        if not self.method.observes_all_queries:
+        if self.method.observation != "all":
             return observation_scores(query[0, :, query.shape[2] - self.n_obs :], keys, scaling, end)
         # every chunk query observes, in blocks; chunk query i sits at key index end - n_chunk + i
         total = keys.new_zeros(keys.shape[0], end, dtype=torch.float32)
@@ -240,126 +247,87 @@ class _Pass:
             total[:, :kend] += observation_scores(query[0, :, a:b], keys[:, :kend], scaling, kend)
         return total
 
-    def _score(self, l, query, keys, values, positions, previous, scaling, P, end) -> torch.Tensor:
-        """Scores ``[G, end - P]`` of one layer's (or one head's) candidates."""
+    def _score(self, l: int, query: torch.Tensor, group, scaling: float) -> torch.Tensor:
+        """Scores ``[g, n - P - probe]`` of one head group's candidates (entries after the prefix)."""
+        P = self.cache.prefix_len
+        end = group.keys.shape[1] - self.n_probe  # candidates: [P, end); the probe's entries follow
         method = self.method
-        att = self._observe(query, keys, scaling, end)[:, P:] if method.uses_attention else None
-        c = Candidates(l, att, positions[:, P:end], previous[:, P:end], self.n_chunk, keys[:, P:end], values[:, P:end])
-        scores = method.score(c)
-        if self.retention.mix and method.uses_attention:
-            scores = mix_scores(scores, c.keys)
-        return scores
+        att = None
+        if method.observation != "none":
+            att = self._observe(query, group.keys, scaling, end)[:, P:]
+        c = Candidates(
+            l,
+            att,
+            group.positions[:, P:end],
+            group.scores[:, P:end],
+            self.n_chunk,
+            group.keys[:, P:end],
+            group.values[:, P:end],
+        )
+        return method.score(c)
 
     def after_attention(self, l: int, query: torch.Tensor, scaling: float) -> None:
-        layer = self.cache.layers[l]
-        if not self.method.compresses:
-            layer.truncate(layer.length - self.n_probe)
-            return
+        """Score and cut layer ``l`` (its attention for this pass is done), then maybe re-share budgets."""
         if self.sync:
             _synchronize(query.device)
         t0 = time.perf_counter()
-        if self.cache.ragged:
-            self._compress_ragged(l, layer, query, scaling)
-            self._reallocate_ragged(l)
-        else:
-            self._compress(l, layer, query, scaling)
+        layer = self.cache.layers[l]
+        g = query.shape[1] // layer.num_kv_heads
+        rows = []  # per KV head: (scores, positions) of its candidates
+        for group in layer.head_groups():
+            scores = self._score(l, query[:, group.start * g : group.stop * g], group, scaling)
+            P, n = self.cache.prefix_len, scores.shape[1]
+            rows += list(zip(scores.unbind(0), group.positions[:, P : P + n].unbind(0)))
+        pinned = min(self.method.pinned_window, self.n_chunk) if self.pin_from is not None else 0
+        self._keep(layer, rows, len(rows) * max(int(self.method.capacity(l)), pinned), store=True)
+        if self.method.is_update_layer(l):
             self._reallocate(l)
         if self.sync:
             _synchronize(query.device)
         self.score_seconds += time.perf_counter() - t0
 
-    # ---- uniform layers: every head of a layer keeps the same count ------------------------------------
-    def _compress(self, l, layer, query, scaling) -> None:
-        P = self.cache.prefix_len
-        end = layer.length - self.n_probe  # candidates: [P, end); the probe's entries follow
-        G, dev = layer.keys.shape[1], layer.keys.device
-        scores = self._score(l, query, layer.keys[0], layer.values[0], layer.positions, layer.scores, scaling, P, end)
-        n_cand = end - P
-        pinned = self._pinned(layer.positions[:, P:end])
-        cap = max(int(self.method.capacity(l)), int(pinned[0].sum()) if n_cand else 0)
-        if n_cand > cap:
-            idx = torch.topk(scores.masked_fill(pinned, float("inf")), cap, dim=1).indices.sort(dim=1).values
-        else:
-            idx = torch.arange(n_cand, device=dev).expand(G, n_cand)
-        keep = torch.cat([torch.arange(P, device=dev).expand(G, P), idx + P], dim=1)
-        kept_scores = torch.cat([scores.new_zeros(G, P), scores.gather(1, idx)], dim=1)
-        layer.select(keep, kept_scores)
+    def _keep(self, layer, rows: list[tuple[torch.Tensor, torch.Tensor]], total: int, store: bool) -> None:
+        """Keep ``total`` of a layer's document entries over its heads; free the rest (and the probe's).
 
-    def _reallocate(self, l: int) -> None:
-        if not self.method.is_update_layer(l):
-            return
-        cache, P = self.cache, self.cache.prefix_len
-        sizes = cache.kept_per_layer()
-        doc_scores, pinned = [], []
-        for j in range(l + 1):
-            layer = cache.layers[j]
-            pin = self._pinned(layer.positions[:, P:])
-            doc_scores.append(layer.scores[:, P:].masked_fill(pin, float("-inf")))
-            pinned.append(int(pin[0].sum()) if pin.shape[1] else 0)
-        counts = self.method.reallocate(l, sizes, doc_scores, pinned)
-        for j, b in enumerate(counts or []):
-            if b >= sizes[j]:
-                continue
-            layer = cache.layers[j]
-            s = layer.scores[:, P:].masked_fill(self._pinned(layer.positions[:, P:]), float("inf"))
-            idx = torch.topk(s, b, dim=1).indices.sort(dim=1).values
-            G = s.shape[0]
-            keep = torch.cat([torch.arange(P, device=s.device).expand(G, P), idx + P], dim=1)
-            layer.select(keep)
-
-    # ---- ragged layers: heads of a layer compete for its budget (AdaKV) -------------------------------
-    def _keep_heads(self, layer, scores: list[torch.Tensor], total: int) -> None:
-        """Keep ``total`` document entries over the heads of a ragged layer, heads competing.
-
-        ``scores[h]`` scores head ``h``'s candidates: its entries after the prefix (a probe's entries,
-        which follow them, are dropped).
+        ``rows[h]``: head ``h``'s (scores, positions) of its candidates; pinned entries always stay.
+        ``store``: the scores become the entries' stored scores (after scoring; not after a re-share).
         """
-        P = self.cache.prefix_len
-        positions = [layer.head(h)[2][P : P + s.numel()] for h, s in enumerate(scores)]
-        pins = [self._pinned(p) for p in positions]
-        counts = head_counts(
-            [s.masked_fill(pin, float("-inf")) for s, pin in zip(scores, pins)],
+        pins = [self._pinned(p) for _, p in rows]
+        counts = self.method.head_counts(
+            [s.masked_fill(pin, float("-inf")) for (s, _), pin in zip(rows, pins)],
             [int(pin.sum()) for pin in pins],
             total,
-            self.retention.adakv_alpha,
         )
-        index, kept = [], []
-        for s, pin, k in zip(scores, pins, counts):
-            dev = s.device
-            idx = torch.topk(s.masked_fill(pin, float("inf")), k).indices.sort().values
-            index.append(torch.cat([torch.arange(P, device=dev), idx + P]))
-            kept.append(torch.cat([s.new_zeros(P), s[idx]]))
-        layer.select_heads(index, kept)
-
-    def _compress_ragged(self, l, layer, query, scaling) -> None:
-        P, G = self.cache.prefix_len, len(layer.lens)
-        g = query.shape[1] // G
-        scores = []
-        for h in range(G):
-            k, v, pos, prev = layer.head(h)
-            end = k.shape[0] - self.n_probe
-            q_h = query[:, h * g : (h + 1) * g]
-            scores.append(self._score(l, q_h, k[None], v[None], pos[None], prev[None], scaling, P, end)[0])
-        self._keep_heads(layer, scores, G * int(self.method.capacity(l)))
-
-    def _reallocate_ragged(self, l: int) -> None:
-        if not self.method.is_update_layer(l):
+        P = self.cache.prefix_len
+        if all(k >= s.numel() for k, (s, _) in zip(counts, rows)):
+            layer.keep(P, None, [s for s, _ in rows])
             return
+        index = [
+            torch.topk(s.masked_fill(pin, float("inf")), k).indices.sort().values
+            for (s, _), pin, k in zip(rows, pins, counts)
+        ]
+        layer.keep(P, index, [s[i] for (s, _), i in zip(rows, index)] if store else None)
+
+    def _reallocate(self, l: int) -> None:
+        """The method's cross-layer update after layer ``l``: layers ``0..l`` may shrink to new counts.
+
+        Counts are per KV head, or per layer over all heads when heads keep different counts (ragged).
+        """
         cache, P = self.cache, self.cache.prefix_len
-        sizes = [sum(n - P for n in layer.lens) for layer in cache.layers]
+        ranked = [cache.layers[j].doc_rows(P) for j in range(len(cache.layers))]
+        sizes = [s.shape[1] for s, _ in ranked]
         doc_scores, pinned = [], []
-        for j in range(l + 1):
-            layer = cache.layers[j]
-            s = torch.cat([layer.head(h)[3][P:] for h in range(len(layer.lens))])
-            pin = self._pinned(torch.cat([layer.head(h)[2][P:] for h in range(len(layer.lens))]))
-            doc_scores.append(s.masked_fill(pin, float("-inf"))[None])
-            pinned.append(int(pin.sum()))
-        G = len(cache.layers[0].lens)
-        counts = self.method.reallocate(l, sizes, doc_scores, pinned, unit=G)
-        for j, total in enumerate(counts or []):
-            if total < sizes[j]:
+        for s, pos in ranked[: l + 1]:
+            pin = self._pinned(pos)
+            doc_scores.append(s.masked_fill(pin, float("-inf")))
+            pinned.append(int(pin[0].sum()) if pin.shape[1] else 0)
+        G = cache.layers[0].num_kv_heads
+        unit = G if cache.ragged else 1
+        counts = self.method.reallocate(l, sizes, doc_scores, pinned, unit=unit)
+        for j, b in enumerate(counts or []):
+            if b < sizes[j]:
                 layer = cache.layers[j]
-                self._keep_heads(layer, [layer.head(h)[3][P:] for h in range(len(layer.lens))], total)
+                self._keep(layer, layer.head_rows(P), b * G // unit, store=False)
 
 
 class Engine:
@@ -402,14 +370,22 @@ class Engine:
             return int(self.settings.chunk_size)
         return 4096 if self.lm.device.type == "cuda" else 1024
 
-    def _forward(self, ids: list[int], cache: CompressedCache, state: _Pass | None = None) -> torch.Tensor:
+    def _forward(
+        self, ids: list[int] | torch.Tensor, cache: CompressedCache, state: _Pass | None = None
+    ) -> torch.Tensor:
+        """Logits of the last of ``ids`` (a host list, or a tensor of ids already on the device: a greedy
+        pick fed back without a host sync) run over ``cache`` at positions from ``cache.next_pos``."""
         dev = self.lm.device
-        pos = torch.arange(cache.next_pos, cache.next_pos + len(ids), device=dev)
+        if isinstance(ids, torch.Tensor):
+            input_ids, n = ids.reshape(1, -1).to(dev), ids.numel()
+        else:
+            input_ids, n = torch.tensor([ids], device=dev), len(ids)
+        pos = torch.arange(cache.next_pos, cache.next_pos + n, device=dev)
         cache.pending_positions = pos
         kwargs = {"dynkv_cache": cache, "dynkv_state": state} if state is not None else {"dynkv_cache": cache}
         try:
             out = self.lm.model(
-                input_ids=torch.tensor([ids], device=dev),
+                input_ids=input_ids,
                 position_ids=pos[None],
                 past_key_values=cache,
                 use_cache=True,
@@ -417,7 +393,7 @@ class Engine:
                 **kwargs,
             )
         except torch.OutOfMemoryError as e:
-            raise OutOfMemoryError(self._oom_advice(cache, len(ids))) from e
+            raise OutOfMemoryError(self._oom_advice(cache, n)) from e
         finally:
             cache.pending_positions = None
         return out.logits[0, -1]
@@ -444,10 +420,29 @@ class Engine:
         cache.remap_positions(mapping, lambda k, d: rotate_keys(k, d, self.lm.inv_freq))
         cache.next_pos = P + target
 
-    def _method(self, budget_tokens: int | None, method_name: str) -> Method:
-        cls = METHODS["full"] if budget_tokens is None else METHODS[method_name]
+    def _method(self, budget_tokens: int | None) -> Method:
+        """The method object for a document whose budget resolved to ``budget_tokens`` (None: keep all)."""
         shape = self.lm.shape
-        return cls(self.settings.retention, budget_tokens or 0, shape.num_layers, shape.num_kv_heads)
+        spec = self.settings.spec
+        if budget_tokens is None:
+            spec = parse_method("full")
+        return spec.create(budget_tokens or 0, shape.num_layers, shape.num_kv_heads)
+
+    def _capacity(self, method: Method, total: int | None, prefix: list[int], probe: list[int]) -> int | None:
+        """Entries per KV head a layer may hold while a chunk is read: what the cache preallocates.
+
+        The kept entries (the largest layer capacity, or the whole document for ``full``), the prefix,
+        one chunk and the probe. None when unknown (``full`` of a document of unknown length).
+        """
+        if method.keeps_all:
+            kept = total
+        else:
+            kept = max(int(method.capacity(l)) for l in range(self.lm.shape.num_layers))
+            if total is not None:
+                kept = min(kept, total)
+        if kept is None:
+            return None
+        return len(prefix) + kept + self.chunk_size + len(probe)
 
     def _token_chunks(self, document, total: int | None) -> tuple[Iterator[list[int]], int | None]:
         """Turn text, ids, or an iterable of text segments / id lists into chunks of token ids.
@@ -474,8 +469,7 @@ class Engine:
 
     def _needs_length(self) -> bool:
         """Whether the cache's size depends on the document's length (so it is counted before reading)."""
-        kind = parse_budget(self.settings.budget).kind
-        return kind in ("percent", "full") or not METHODS[self.settings.method].compresses
+        return self.settings.budget.kind in ("percent", "full") or self.settings.spec.keeps_all
 
     # ---- memory ----------------------------------------------------------------------------------
     def memory_limit(self) -> tuple[int | None, str]:
@@ -502,7 +496,7 @@ class Engine:
     def _what_keeps(self, budget: Budget, total: int | None, kept: int) -> str:
         """``a 2% budget of this 10,485,760-token document keeps 209,716 tokens per layer``."""
         doc = f"this {total:,}-token document" if total is not None else "this document"
-        if budget.kind == "full" or not METHODS[self.settings.method].compresses:
+        if budget.kind == "full" or self.settings.spec.keeps_all:
             return f"a full cache of {doc} keeps all {kept:,} tokens per layer"
         return f"a {budget} budget of {doc} keeps {kept:,} tokens per layer"
 
@@ -579,29 +573,25 @@ class Engine:
         """
         prompt = prompt or TaskPrompt()
         settings, lm = self.settings, self.lm
-        budget = parse_budget(settings.budget)
+        budget = settings.budget
         chunks, total = self._token_chunks(document, total_tokens)
         B = budget.resolve(total, lm.cache_bytes_per_token())
-        method = self._method(B, settings.method)
+        if settings.spec.keeps_all:
+            B = None
+        method = self._method(B)
         probe_ids: list[int] = []
-        if (
-            method.compresses
-            and method.uses_attention
-            and method.wants_probe
-            and settings.retention.observation == "probe"
-        ):
+        if method.observation == "probe":
             probe_ids = prompt_ids(lm.tokenizer, prompt, probe or question or DEFAULT_PROBE).suffix
             if not probe_ids:
                 raise UsageError("the probe is empty: give a question or a probe text")
-        window = settings.retention.window
         reserve = max(min(QUESTION_ALLOWANCE, lm.max_positions // 8), len(probe_ids)) + self.generation.max_new_tokens
         prefix = prompt_ids(lm.tokenizer, prompt, question or "").prefix
-        kept = B if method.compresses else total
+        kept = total if method.keeps_all else B
         if kept is not None:
             if total is not None:
                 kept = min(kept, total)
             self._check_memory(budget, total, kept, len(prefix) + self.chunk_size + len(probe_ids))
-            if on_warning and budget.kind == "percent" and method.compresses and kept > PERCENT_WARN_TOKENS:
+            if on_warning and budget.kind == "percent" and not method.keeps_all and kept > PERCENT_WARN_TOKENS:
                 on_warning(
                     f"{self._what_keeps(budget, total, kept)}, a {format_bytes(kept * lm.cache_bytes_per_token())} "
                     f"cache, not a small one (reading it takes long): a fixed budget such as --budget "
@@ -612,7 +602,9 @@ class Engine:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         peak = _rss_bytes()
-        cache = CompressedCache(lm.shape.num_layers, ragged=method.compresses and method.head_adaptive)
+        cache = CompressedCache(
+            lm.shape.num_layers, ragged=method.ragged, capacity=self._capacity(method, total, prefix, probe_ids)
+        )
         digest = hashlib.sha256()
         t_start = time.perf_counter()
         score_s, n_chunks, seen = 0.0, 0, 0
@@ -624,17 +616,16 @@ class Engine:
             for chunk in chunks:
                 digest.update(torch.tensor(chunk, dtype=torch.int64).numpy().tobytes())
                 self._ensure_positions(cache, len(chunk) + len(probe_ids) + reserve)
-                pw = min(method.pinned_window, len(chunk)) if method.compresses else 0
+                pw = min(method.pinned_window, len(chunk))
                 state = _Pass(
                     cache,
                     method,
-                    settings.retention,
                     n_chunk=len(chunk),
                     n_probe=len(probe_ids),
                     pin_from=cache.next_pos + len(chunk) - pw if pw else None,
-                    n_obs=len(probe_ids) if probe_ids else min(window, len(chunk)),
+                    n_obs=len(probe_ids) if probe_ids else max(1, pw),
+                    sync=self.sync_timing,
                 )
-                state.sync = self.sync_timing
                 self._forward(chunk + probe_ids, cache, state)
                 cache.next_pos += len(chunk)
                 seen += len(chunk)
@@ -662,8 +653,8 @@ class Engine:
         else:
             peak_bytes, peak_kind = peak, "process_rss"
         stats = CompressStats(
-            method=method.name,
-            budget=str(settings.budget),
+            method="full" if B is None else settings.method,
+            budget=str(budget),
             budget_tokens=B,
             chunk_size=self.chunk_size,
             doc_tokens=seen,
@@ -677,7 +668,7 @@ class Engine:
             peak_memory_bytes=peak_bytes,
             peak_memory_kind=peak_kind,
             compactions=cache.compactions,
-            observation=settings.retention.observation,
+            observation=method.observation,
         )
         return CompressedDocument(
             cache,
@@ -714,12 +705,18 @@ class Engine:
         rng = torch.Generator(device="cpu")
         if gen.seed is not None:
             rng.manual_seed(gen.seed)
-        out_ids: list[int] = []
-        text, stop_reason, first_logits = "", "max_new_tokens", None
-        guard = gen.repetition_guard
-        shown = ""  # text given to on_token so far (a repetition that may become a loop is held back)
+        first_logits = None
         t0 = time.perf_counter()
-        t_first = 0.0
+
+        def step(token: int | torch.Tensor) -> torch.Tensor:
+            """One answer token through the model: the next logits."""
+            logits = self._forward(token if isinstance(token, torch.Tensor) else [token], cache)
+            cache.next_pos += 1
+            return logits
+
+        def progress(n: int) -> None:
+            on_progress(Progress("decode", n, gen.max_new_tokens, time.perf_counter() - t0))
+
         try:
             with torch.inference_mode():
                 self._ensure_positions(cache, len(suffix) + gen.max_new_tokens)
@@ -729,43 +726,26 @@ class Engine:
                 cache.next_pos += len(suffix)
                 if keep_logits:
                     first_logits = logits.float().cpu()
-                while True:
-                    nxt = _pick(logits, gen, rng)
-                    if not out_ids:
-                        t_first = time.perf_counter() - t0
-                    if nxt in eos:
-                        stop_reason = "eos"
-                        break
-                    out_ids.append(nxt)
-                    loop = find_loop(out_ids, guard["ngram"], guard["repeats"]) if guard else None
-                    if loop is not None:
-                        del out_ids[_loop_end(lm.tokenizer, out_ids, *loop) :]
-                        stop_reason = "repetition"
-                    new_text = lm.tokenizer.decode(out_ids, skip_special_tokens=True)
-                    cut = _stop_at(new_text, gen.stop)
-                    if cut is not None:
-                        new_text, stop_reason = new_text[:cut], "stop_string"
-                    text = new_text
-                    if on_token:
-                        pending = guard and stop_reason == "max_new_tokens"
-                        held = pending_repeat(out_ids, guard["ngram"]) if pending else 0
-                        visible = text if not held else lm.tokenizer.decode(out_ids[:-held], skip_special_tokens=True)
-                        if visible.startswith(shown) and len(visible) > len(shown):
-                            on_token(visible[len(shown) :])
-                            shown = visible
-                    if on_progress:
-                        on_progress(Progress("decode", len(out_ids), gen.max_new_tokens, time.perf_counter() - t0))
-                    if stop_reason != "max_new_tokens" or len(out_ids) >= gen.max_new_tokens:
-                        break
-                    logits = self._forward([nxt], cache)
-                    cache.next_pos += 1
+                out = decode(
+                    step,
+                    logits,
+                    lm.tokenizer,
+                    gen,
+                    eos,
+                    pick_fn=_pick,  # looked up here: tests replace engine._pick to script an answer
+                    rng=rng,
+                    t0=t0,
+                    on_token=on_token,
+                    on_progress=progress if on_progress else None,
+                )
         finally:
             cache.truncate(lengths)
             cache.next_pos = pos0
-        if on_token and text.startswith(shown) and len(text) > len(shown):  # what was held back
-            on_token(text[len(shown) :])
         total = time.perf_counter() - t0
-        return Answer(question, text, out_ids, stop_reason, len(suffix), t_first, total - t_first, first_logits)
+        t_first = out.first_token_seconds
+        return Answer(
+            question, out.text, out.token_ids, out.stop_reason, len(suffix), t_first, total - t_first, first_logits
+        )
 
     def load(self, path: str | Path, *, on_warning: Callable[[str], None] | None = None) -> CompressedDocument:
         """Load a cache saved by :meth:`CompressedDocument.save`; refuses a cache made with another model.
@@ -790,9 +770,7 @@ class Engine:
         cache, meta = CompressedCache.load(
             path, self.lm.device, self.lm.dtype, shape=self.lm.shape, on_warning=on_warning
         )
-        s = dict(meta["settings"])
-        s["retention"] = dataclass_from_dict(RetentionSettings, s["retention"], "retention")
-        settings = dataclass_from_dict(CompressionSettings, s, "settings")
+        settings = CompressionSettings.from_dict(meta["settings"])
         st = dict(meta["stats"])
         for k in ("compression_ratio", "compact_positions", "prefill_tokens_per_s"):
             st.pop(k, None)
@@ -880,56 +858,8 @@ def _mem_available() -> int | None:
     return None
 
 
-def _eos_ids(lm: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(lm.model, "generation_config", None), lm.model.config, lm.tokenizer):
-        e = getattr(src, "eos_token_id", None)
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, (list, tuple)):
-            ids.update(int(x) for x in e)
-    return ids
-
-
-def _pick(logits: torch.Tensor, gen: GenerationSettings, rng: torch.Generator) -> int:
-    if gen.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / gen.temperature, dim=-1)
-    if gen.top_p < 1:
-        sp, si = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sp, 0) - sp < gen.top_p
-        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=rng))
-
-
-def _loop_end(tokenizer, ids: list[int], start: int, period: int) -> int:
-    """Where to cut a looping answer: after the repeated span said once, at the end of its sentence or line.
-
-    The span starts where the repetition began, which may be mid-sentence; if the span does not end a
-    sentence, the cut moves on (at most one span) to the next token that ends one. A loop with no
-    sentence end (``... show "X" and featured on the show "X" and ...``) is cut back, inside the span,
-    after its last closing quote, bracket or comma instead of after a dangling ``and``.
-    """
-    end = start + period
-
-    def piece(i: int) -> str:
-        return tokenizer.decode([ids[i]], skip_special_tokens=True).rstrip(" ")
-
-    def ends_sentence(i: int) -> bool:
-        return "\n" in piece(i) or piece(i).endswith((".", "!", "?"))
-
-    if ends_sentence(end - 1):
-        return end
-    for i in range(end, min(end + period, len(ids))):
-        if ends_sentence(i):
-            return i + 1
-    for i in range(end - 1, start, -1):
-        if piece(i).endswith(('"', "'", ")", "]", ",", ";", ":")):
-            return i + 1
-    return end
-
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return min(cuts) if cuts else None
+# The decode loop's helpers live in decode.py; these names stay for callers and tests that patch them.
+_eos_ids = eos_ids
+_pick = pick
+_loop_end = loop_end
+_stop_at = stop_at

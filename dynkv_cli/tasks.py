@@ -134,7 +134,7 @@ class TaskRunner:
         """``max_cache``: the most bytes a cache may take (``2GiB``; ``off``); None: see Engine.memory_limit."""
         self.lm = lm
         self.profile = profile
-        self.engine = Engine(lm, profile.compression(), profile.generation, max_cache=max_cache)
+        self.engine = Engine(lm, profile.compression, profile.generation, max_cache=max_cache)
         self.hooks = hooks or Hooks()
 
     # ---- pieces --------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class TaskRunner:
             profile=self.profile.name,
             model=self.lm.name,
             method=self.profile.method,
-            budget=self.profile.budget,
+            budget=str(self.profile.budget),
             max_positions=self.lm.max_positions,
         )
 
@@ -249,7 +249,7 @@ class TaskRunner:
         t0 = time.perf_counter()
         if isinstance(doc, CompressedDocument):
             result = self._result(doc.source, "qa")
-            result.stats, result.method, result.budget = doc.stats, doc.stats.method, doc.settings.budget
+            result.stats, result.method, result.budget = doc.stats, doc.stats.method, str(doc.settings.budget)
             self._compacted(result, doc.stats)
             for q in questions:
                 result.answers.append(self.ask(doc, q))

@@ -1,7 +1,7 @@
 """Task profiles: the YAML files in this package, the user's folder, or a file named with ``--profile``.
 
-A profile says how a task runs: the prompt around the document, the method and budget, the retention
-preset, generation settings, the chunk size, and (for questions) whether several questions share one
+A profile says how a task runs: the prompt around the document, the method, budget and chunk size
+with the method's own settings (``retention:``), generation settings, and (for questions) whether several questions share one
 compressed document. Lookup of a name, first match wins:
 
     1. a path to a ``.yaml``/``.yml`` file (``--profile my.yaml``)
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import ClassVar
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from dynkv_cli.config import CompressionSettings, GenerationSettings, RetentionSettings
+from dynkv_cli.config import CompressionSettings, GenerationSettings
 from dynkv_cli.errors import UsageError
+from dynkv_cli.methods import setting_types
 from dynkv_cli.prompt import TaskPrompt
 
 TASKS = ("summarize", "qa", "rag")
@@ -32,7 +34,11 @@ QUESTION_MODES = ("shared", "separate")
 
 @dataclass
 class Profile:
-    """One task profile. ``instruction`` is the question a summary answers (the task's own question)."""
+    """One task profile. ``instruction`` is the question a summary answers (the task's own question).
+
+    In YAML the compression settings are top-level keys (``method``, ``budget``, ``chunk_size``,
+    ``retention``); here they are one :class:`CompressionSettings`, validated when it is built.
+    """
 
     name: str
     description: str = ""
@@ -41,16 +47,26 @@ class Profile:
     questions: str = "shared"
     probe: str | None = None
     passage_header: str = "\n\n[{index}] Source: {source}\n"
-    method: str = "dynamickv"
-    budget: str = "1.7%"
-    chunk_size: int | None = None
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
     prompt: TaskPrompt = field(default_factory=TaskPrompt)
-    retention: RetentionSettings = field(default_factory=RetentionSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     path: str | None = None  # where it was read from (not a YAML key)
 
-    def compression(self) -> CompressionSettings:
-        return CompressionSettings(self.method, self.budget, self.chunk_size, replace(self.retention))
+    #: the YAML keys that make up ``compression``
+    COMPRESSION_KEYS: ClassVar[tuple[str, ...]] = ("method", "budget", "chunk_size", "retention")
+
+    @property
+    def method(self) -> str:
+        return self.compression.method
+
+    @property
+    def budget(self):
+        """The :class:`~dynkv_cli.budget.Budget` (``str()`` gives its word)."""
+        return self.compression.budget
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.compression.chunk_size
 
     def with_overrides(
         self,
@@ -65,21 +81,19 @@ class Profile:
 
         A flag's own bad value is reported as the flag's error, not the profile's.
         """
-        CompressionSettings(
-            method=method or self.method, budget=budget or self.budget, chunk_size=chunk_size, retention=self.retention
-        ).validate()
+        c = self.compression
+        compression = CompressionSettings(
+            method=method or c.method,
+            budget=budget if budget is not None else c.budget,
+            chunk_size=chunk_size if chunk_size is not None else c.chunk_size,
+            retention=dict(c.retention),
+        )
         if max_new_tokens is not None:
             GenerationSettings(max_new_tokens=max_new_tokens).validate()
         gen = replace(self.generation, stop=list(self.generation.stop))
         if max_new_tokens is not None:
             gen.max_new_tokens = max_new_tokens
-        out = replace(self, retention=replace(self.retention), generation=gen, prompt=replace(self.prompt))
-        if method is not None:
-            out.method = method
-        if budget is not None:
-            out.budget = str(budget)
-        if chunk_size is not None:
-            out.chunk_size = chunk_size
+        out = replace(self, compression=compression, generation=gen, prompt=replace(self.prompt))
         if questions is not None:
             out.questions = questions
         return out.validate()
@@ -97,15 +111,22 @@ class Profile:
         except (KeyError, IndexError, ValueError) as e:
             raise UsageError(f"{where}: passage_header may only use {{index}} and {{source}} (problem: {e})") from None
         try:
-            self.compression().validate()
             self.generation.validate()
         except UsageError as e:
             raise UsageError(f"{where}: {e}") from None
         return self
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("path")
+        """The YAML mapping: compression settings as top-level keys, the retention as the method's own."""
+        d = {}
+        for f in fields(self):
+            if f.name == "path":
+                continue
+            if f.name == "compression":
+                d.update(self.compression.to_dict())
+            else:
+                v = getattr(self, f.name)
+                d[f.name] = asdict(v) if hasattr(v, "__dataclass_fields__") else v
         return d
 
     def to_yaml(self) -> str:
@@ -227,7 +248,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 # ---- typed construction ------------------------------------------------------------------------
 
-_NESTED = {"prompt": TaskPrompt, "retention": RetentionSettings, "generation": GenerationSettings}
+_NESTED = {"prompt": TaskPrompt, "generation": GenerationSettings}
 
 
 def _check_type(value, annotation, key: str, origin: str):
@@ -266,7 +287,9 @@ def _check_type(value, annotation, key: str, origin: str):
 def _typed(cls, data: dict, what: str, origin: str, prefix: str = ""):
     if not isinstance(data, dict):
         raise UsageError(f"profile {origin}: {prefix.rstrip('.')} must be a mapping (got {data!r})")
-    names = {f.name: f for f in fields(cls) if f.name != "path"}
+    names = {f.name: f.type for f in fields(cls) if f.name not in ("path", "compression")}
+    if cls is Profile:
+        names.update(method="str", budget="str", chunk_size="int | None", retention="dict")
     unknown = sorted(str(k) for k in data if k not in names)
     if unknown:
         valid = sorted(names) + (["extends"] if cls is Profile else [])
@@ -276,12 +299,34 @@ def _typed(cls, data: dict, what: str, origin: str, prefix: str = ""):
         )
     kwargs = {}
     for k, v in data.items():
-        f = names[k]
         if k in _NESTED and cls is Profile:
             kwargs[k] = _typed(_NESTED[k], v, k, origin, prefix=f"{k}.")
+        elif k == "retention" and cls is Profile:
+            kwargs[k] = _retention(v, origin)
         else:
-            kwargs[k] = _check_type(v, f.type, prefix + k, origin)
+            kwargs[k] = _check_type(v, names[k], prefix + k, origin)
+    if cls is not Profile:
+        return cls(**kwargs)
+    given = {k: kwargs.pop(k) for k in Profile.COMPRESSION_KEYS if k in kwargs}
+    try:
+        kwargs["compression"] = CompressionSettings(**given)
+    except UsageError as e:
+        raise UsageError(f"profile {kwargs.get('name', origin)!r}: {e}") from None
     return cls(**kwargs)
+
+
+def _retention(data, origin: str) -> dict:
+    """A profile's ``retention:`` mapping, every key known to some method and of that setting's type."""
+    if not isinstance(data, dict):
+        raise UsageError(f"profile {origin}: retention must be a mapping (got {data!r})")
+    types = setting_types()
+    unknown = sorted(str(k) for k in data if k not in types)
+    if unknown:
+        raise UsageError(
+            f"profile {origin}: unknown retention key(s) {', '.join('retention.' + k for k in unknown)}; "
+            f"valid keys: {', '.join('retention.' + k for k in sorted(types))}"
+        )
+    return {k: _check_type(v, types[k], f"retention.{k}", origin) for k, v in data.items()}
 
 
 def profile_from_dict(data: dict, name: str, origin: str = "") -> Profile:

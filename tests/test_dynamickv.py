@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from dynkv_cli.cache import CompressedCache
-from dynkv_cli.config import RetentionSettings
 from dynkv_cli.engine import _Pass
-from dynkv_cli.methods.dynamickv import DynamicKVMethod, apportion, progressive_counts
+from dynkv_cli.methods.dynamickv import DynamicKVMethod, DynamicKVSettings, apportion, progressive_counts
 
 
 def test_apportion_exact_sum_proportional():
@@ -68,10 +67,10 @@ def _run_one_shot(scores, B, L, r_max, m, monkeypatch):
     """Drive the engine's real per-layer step with hand-made observation scores (pooling off)."""
     n = len(scores[0])
     cache = _fake_cache(L, n)
-    settings = RetentionSettings(pooling="none", r_max=r_max, update_interval=m, observation="probe")
+    settings = DynamicKVSettings(pooling="none", r_max=r_max, update_interval=m, observation="probe")
     method = DynamicKVMethod(settings, B, L, 1)
     table = {l: torch.tensor([scores[l]]) for l in range(L)}
-    state = _Pass(cache, method, settings, n_chunk=n, n_probe=0, pin_from=None, n_obs=1)
+    state = _Pass(cache, method, n_chunk=n, n_probe=0, pin_from=None, n_obs=1)
     calls = []
 
     def fake_scores(query, keys, scaling, n_candidates):
@@ -115,14 +114,14 @@ def test_any_layers_and_interval(monkeypatch, L, m):
     cache, sizes = _run_one_shot(scores, B=5, L=L, r_max=3, m=m, monkeypatch=monkeypatch)
     assert sum(sizes[-1]) == 5 * L  # the last layer always re-allocates, even when L % m != 0
     assert all(c <= 15 for step in sizes for c in step)
-    method = DynamicKVMethod(RetentionSettings(update_interval=m), 5, L, 1)
+    method = DynamicKVMethod(DynamicKVSettings(update_interval=m), 5, L, 1)
     updates = [l for l in range(L) if method.is_update_layer(l)]
     assert updates[-1] == L - 1 and all((l + 1) % m == 0 for l in updates[:-1])
 
 
 def test_floor_enforced(monkeypatch):
     scores = [[1.0] * 20, [0.001] * 20, [0.9] * 20]
-    settings = RetentionSettings(pooling="none", r_max=4, r_min=0.5, update_interval=1, observation="probe")
+    settings = DynamicKVSettings(pooling="none", r_max=4, r_min=0.5, update_interval=1, observation="probe")
     cache = _fake_cache(3, 20)
     method = DynamicKVMethod(settings, 4, 3, 1)
     table = [torch.tensor([s]) for s in scores]
@@ -133,7 +132,7 @@ def test_floor_enforced(monkeypatch):
         return table[len(calls) - 1]
 
     monkeypatch.setattr("dynkv_cli.engine.observation_scores", fake)
-    state = _Pass(cache, method, settings, n_chunk=20, n_probe=0, pin_from=None, n_obs=1)
+    state = _Pass(cache, method, n_chunk=20, n_probe=0, pin_from=None, n_obs=1)
     for l in range(3):
         _arrive(cache, l, 20)
         state.after_attention(l, torch.zeros(1, 1, 1, 4), 1.0)

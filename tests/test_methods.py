@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynkv_cli.config import RetentionSettings
 from dynkv_cli.methods import METHODS
 from dynkv_cli.methods.adakv import head_counts
 from dynkv_cli.methods.base import Candidates
 from dynkv_cli.methods.mixkv import head_redundancy, mix_scores
-from dynkv_cli.methods.pyramidkv import PyramidKVMethod
+from dynkv_cli.methods.pyramidkv import PyramidKVMethod, PyramidKVSettings
 
 
 def test_redundancy_of_identical_and_spread_keys():
@@ -49,7 +48,7 @@ def test_head_counts_share_total_with_safeguard():
 
 
 def test_h2o_accumulates_previous_attention():
-    h2o = METHODS["h2o"](RetentionSettings(), 8, 2, 1)
+    h2o = METHODS["h2o"](None, 8, 2, 1)
     c = Candidates(
         0,
         torch.tensor([[0.1, 0.2, 0.3]]),
@@ -60,15 +59,15 @@ def test_h2o_accumulates_previous_attention():
         torch.zeros(1, 3, 4),
     )
     assert torch.allclose(h2o.score(c), torch.tensor([[1.1, 0.2, 0.3]]))
-    assert h2o.pinned_window == 8 and not h2o.wants_probe and h2o.observes_all_queries
+    assert h2o.pinned_window == 8 and h2o.observation == "all"
 
 
 def test_pyramid_schedule_falls_and_averages_to_budget():
-    m = PyramidKVMethod(RetentionSettings(observation="tail", window=8), 64, 8, 2)
+    m = PyramidKVMethod(PyramidKVSettings(observation="tail", window=8), 64, 8, 2)
     caps = [m.capacity(l) for l in range(8)]
     assert caps == sorted(caps, reverse=True) and caps[0] > caps[-1]
     assert abs(sum(caps) / 8 - 64) <= 1
-    tiny = PyramidKVMethod(RetentionSettings(observation="tail", window=8), 6, 4, 2)
+    tiny = PyramidKVMethod(PyramidKVSettings(observation="tail", window=8), 6, 4, 2)
     assert [tiny.capacity(l) for l in range(4)] == [6] * 4  # too short for the schedule: uniform
 
 

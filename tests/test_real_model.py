@@ -200,14 +200,13 @@ def test_chunked_prefill_at_full_budget_equals_one_plain_forward(smollm2):
 def test_pass_key_answered_whole_from_the_compressed_cache(smollm2):
     lm = smollm2.lm
     profile = load_profile("needle").with_overrides(chunk_size=512)
-    profile.retention.kernel = 7
+    profile.compression.retention["kernel"] = 7
     text = haystack()
     n = len(encode(lm.tokenizer, text))
     assert 800 <= n <= 1500
     answers = {}
     for budget in ("100%", "25%"):
-        settings = profile.compression()
-        settings.budget = budget
+        settings = profile.with_overrides(budget=budget).compression
         engine = Engine(lm, settings, profile.generation)
         doc = engine.compress(text, profile.prompt, question=PASS_QUESTION)
         answers[budget] = engine.ask(doc, PASS_QUESTION).text

@@ -4,13 +4,18 @@ The top ``G * B`` of the layer's concatenated head scores give each head its cou
 pulls every count toward the uniform share: ``b_h = (1 - a) b_h + a B`` (``a = 0.2``). Heads then keep
 different numbers of entries, which saves memory only with ragged storage and attention
 (:class:`~dynkv_cli.cache.RaggedLayer` and the ragged decode kernel), not with masks.
+
+It wraps any scoring method (``snapkv+adakv``, ``dynamickv+adakv``); ``adakv`` alone is ``snapkv+adakv``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Method
+from ..errors import UsageError
+from .base import Wrapper
 from .dynamickv import apportion
 
 
@@ -40,6 +45,28 @@ def head_counts(scores: list[torch.Tensor], pinned: list[int], total: int, alpha
     return [p + e for p, e in zip(pinned, extra)]
 
 
-class AdaKVMethod(Method):
+@dataclass
+class AdaKVSettings:
+    """``alpha``: the safeguard's weight toward the uniform share per head (0: pure competition)."""
+
+    alpha: float = 0.2
+
+    def validate(self):
+        if not 0 <= self.alpha <= 1:
+            raise UsageError(f"alpha must be between 0 and 1 (got {self.alpha})")
+        return self
+
+
+class HeadAdaptive(Wrapper):
+    """``+adakv``: the heads of every layer compete for the layer's entries (any scoring method)."""
+
     name = "adakv"
-    head_adaptive = True
+    Settings = AdaKVSettings
+    needs_attention = True
+
+    def __init__(self, inner, settings=None):
+        super().__init__(inner, settings)
+        self.ragged = True
+
+    def head_counts(self, scores, pinned, total):
+        return head_counts(scores, pinned, total, self.settings.alpha)

@@ -1,4 +1,4 @@
-"""DynamicKV (arXiv 2412.14838): task-aware, layer-adaptive budgets (ALGORITHMS.md sections 2-3).
+"""DynamicKV (arXiv 2412.14838): task-aware, layer-adaptive budgets.
 
 Each layer first keeps its top ``r_max * B`` per KV head. Every ``m`` layers (and at the last layer)
 a progressive update ranks the stored scores of layers ``0..l`` together, counts how many of the
@@ -10,10 +10,12 @@ largest-remainder rounding so the shares add up exactly, clamped to ``[r_min * B
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .base import Method, ceil_int
+from ..errors import UsageError
+from .base import Method, ObservedSettings, ceil_int
 
 
 def apportion(total: int, weights: list[float], lo: list[int], hi: list[int]) -> list[int]:
@@ -113,8 +115,33 @@ def progressive_counts(
     return [p + e for p, e in zip(pinned, extra)]
 
 
+@dataclass
+class DynamicKVSettings(ObservedSettings):
+    """DynamicKV's own knobs, besides how it observes (:class:`ObservedSettings`).
+
+    r_max: a layer keeps at most ``r_max * B`` per KV head before the update shares the budget.
+    r_min: a layer never falls below ``r_min * B`` (0: it may fall to its pinned window).
+    update_interval: the progressive update runs every ``m`` layers (and at the last layer).
+    """
+
+    r_max: float = 10.0
+    r_min: float = 0.0
+    update_interval: int = 4
+
+    def validate(self):
+        super().validate()
+        if self.update_interval < 1:
+            raise UsageError(f"update_interval must be at least 1 (got {self.update_interval})")
+        if self.r_max < 1:
+            raise UsageError(f"r_max must be at least 1 (got {self.r_max})")
+        if not 0 <= self.r_min <= 1:
+            raise UsageError(f"r_min must be between 0 and 1 (got {self.r_min})")
+        return self
+
+
 class DynamicKVMethod(Method):
     name = "dynamickv"
+    Settings = DynamicKVSettings
 
     def capacity(self, layer_idx: int) -> int:
         return ceil_int(self.settings.r_max * self.budget) + self.pinned_window
@@ -122,10 +149,6 @@ class DynamicKVMethod(Method):
     def is_update_layer(self, layer_idx: int) -> bool:
         m = self.settings.update_interval
         return (layer_idx + 1) % m == 0 or layer_idx == self.num_layers - 1
-
-    @property
-    def head_adaptive(self) -> bool:
-        return self.settings.head_adaptive
 
     def reallocate(self, layer_idx, sizes, scores, pinned, unit: int = 1):
         """New counts for layers ``0..l``.

@@ -5,13 +5,31 @@ mass a key receives is added to what it had already gathered, and the most recen
 are always kept.
 """
 
+from dataclasses import dataclass
+
+from ..errors import UsageError
 from .base import Method
+
+
+@dataclass
+class H2OSettings:
+    """``window``: the most recent tokens, always kept."""
+
+    window: int = 8
+
+    def validate(self):
+        if self.window < 1:
+            raise UsageError(f"window must be at least 1 (got {self.window})")
+        return self
 
 
 class H2OMethod(Method):
     name = "h2o"
-    wants_probe = False
-    observes_all_queries = True
+    Settings = H2OSettings
+
+    @property
+    def observation(self) -> str:
+        return "all"
 
     @property
     def pinned_window(self) -> int:

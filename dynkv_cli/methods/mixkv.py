@@ -1,6 +1,6 @@
 """MixKV mixing (arXiv 2510.20707): importance and diversity, weighted by the head's redundancy.
 
-Per KV head over the candidates (ALGORITHMS.md section 5):
+Per KV head over the candidates:
 
 * importance ``a_j``: the method's score;
 * diversity ``div_j = -khat_j . mu`` with ``khat`` the unit keys and ``mu`` their mean, min-max scaled and
@@ -15,6 +15,8 @@ It changes which tokens a head keeps, not how many. Infinite scores (pinned, sin
 from __future__ import annotations
 
 import torch
+
+from .base import Wrapper
 
 
 def head_redundancy(keys: torch.Tensor) -> torch.Tensor:
@@ -44,3 +46,13 @@ def mix_scores(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     r = head_redundancy(keys)[:, None]
     mixed = r * div + (1 - r) * a
     return torch.where(finite, mixed, scores)
+
+
+class Mix(Wrapper):
+    """``+mix``: the inner method's scores mixed with key diversity (any method that scores with attention)."""
+
+    name = "mix"
+    needs_attention = True
+
+    def score(self, c):
+        return mix_scores(self.inner.score(c), c.keys)
