@@ -20,17 +20,16 @@ Layout: `base` (Document, Segment, DocumentError, readers, helpers), `registry` 
 `open_document`), one module per format (`text`, `pdf`, `records`), `encoding` (bytes to text, for
 text files and stdin), `stdin` ("-") and `folders` (`iter_documents`, skipped files).
 
-Adding a format (".epub", say):
-1. Write `documents/epub.py` with `@register_reader(".epub") def open_epub(f: FileInput) -> Document`,
-   returning a Document whose `_reader` (a `base.Reader`) yields its Segments.
-2. Add it to the format modules imported below (that import registers it); messages, folder walking
-   and `ACCEPTED_SUFFIXES` pick up the suffix.
+Adding a format (".epub", say), in three steps:
+1. `documents/epub.py`: a `base.Reader` whose `segments(doc)` yields Segments (or reuse `base.MemoryReader`).
+2. There, `@register_reader(".epub") def open_epub(f: FileInput) -> Document`: check f.path, return the Document.
+3. Add `epub` to `from . import text, pdf, records` below: messages, folders and ACCEPTED_SUFFIXES list it.
 """
 
 from __future__ import annotations
 
-# Importing a format module registers its suffixes; messages list them in this order. isort: skip keeps it.
-from . import text, pdf, records  # isort: skip
+# Importing a format module registers its suffixes; messages list them in this order (isort: skip keeps it).
+from . import text, pdf, records  # noqa: F401  # isort: skip
 from .base import Document, DocumentError, Segment
 from .folders import describe_skipped, iter_documents, skipped_files
 from .pdf import MIN_PAGE_CHARS, set_debug
@@ -57,9 +56,6 @@ __all__ = [
     "skipped_files",
     "unregister_reader",
 ]
-
-
-FORMAT_MODULES = (text, pdf, records)  # the readers dynkv comes with
 
 
 def __getattr__(name: str):

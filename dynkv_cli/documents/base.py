@@ -153,7 +153,12 @@ def os_error(source: str, exc: OSError) -> DocumentError:
     return DocumentError(f"cannot read {source}: {exc.strerror or reason(exc)}", source)
 
 
-def did_you_mean(p: Path) -> str:
+def not_found(source: str) -> DocumentError:
+    """The error for an input that does not exist, naming a close file of its folder when there is one."""
+    return DocumentError(f"{source} does not exist: check the path{_did_you_mean(Path(source))}", source)
+
+
+def _did_you_mean(p: Path) -> str:
     """' (did you mean <close name>?)' for a missing path whose folder has a close name, else ''."""
     parent = p.parent
     try:

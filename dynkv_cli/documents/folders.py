@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
-from .base import Document, DocumentError, did_you_mean
+from .base import Document, DocumentError, not_found
 from .registry import accepted_suffixes, format_for, open_document, split_member
 from .stdin import SOURCE as STDIN_SOURCE
 
@@ -91,7 +91,7 @@ def _expand_inputs(inputs: Sequence[str | Path], pattern: str | None) -> list[tu
         elif split_member(s):
             add(s, Path(s))  # one record: open_document reads it
         else:
-            raise DocumentError(f"{s} does not exist: check the path{did_you_mean(p)}", s)
+            raise not_found(s)
     return out
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import SNIFF_BYTES, Document, DocumentError, did_you_mean, hash_bytes, os_error
+from .base import SNIFF_BYTES, Document, DocumentError, hash_bytes, not_found, os_error
 from .stdin import open_stdin
 
 
@@ -30,7 +30,7 @@ class FileInput:
 
 Opener = Callable[[FileInput], Document]
 # All documents in one file (batch and rag read a .jsonl file as one document per record).
-EachOpener = Callable[[Path, str], Iterator["Document | DocumentError"]]
+EachOpener = Callable[[Path, str], Iterator[Document | DocumentError]]
 # One part of a file, addressed as "<file>#<n>" ("data.jsonl#12").
 MemberOpener = Callable[[Path, str, int], Document]
 
@@ -39,10 +39,10 @@ MemberOpener = Callable[[Path, str, int], Document]
 class Format:
     """How the files of one or more suffixes are read; see :func:`register_reader`."""
 
-    open: Opener
-    magic: bytes | None = None
-    each: EachOpener | None = None
-    member: MemberOpener | None = None
+    open: Opener  # FileInput -> the Document
+    magic: bytes | None = None  # first bytes that make a file without a suffix this format
+    each: EachOpener | None = None  # the documents in one file, for folders and batches
+    member: MemberOpener | None = None  # "<file>#<n>" -> that one document
 
 
 _FORMATS: dict[str, Format] = {}  # suffix (lower case, "" for files without one) -> format, in registration order
@@ -128,7 +128,7 @@ def open_document(path: str | Path, *, password: str | None = None) -> Document:
         if address:
             fmt, container, n = address
             return fmt.member(Path(container), container, n)
-        raise DocumentError(f"{source} does not exist: check the path{did_you_mean(p)}", source)
+        raise not_found(source)
     if p.is_dir():
         raise DocumentError(
             f"{source} is a folder, not a file: pass a file, or give the folder to `dynkv batch` "
