@@ -556,6 +556,7 @@ def measure(lm, spec: RunSpec) -> SpeedRow:
 
 def _build(spec: RunSpec, attn: str):
     from dynkv_cli.model import DTYPES
+
     from .presets import build_model
 
     if spec.threads:
