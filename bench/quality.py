@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 import typer
 
-from dynkv_cli.config import CompressionSettings, GenerationSettings, RetentionSettings
+from dynkv_cli.config import CompressionSettings, GenerationSettings
 from dynkv_cli.engine import CompressedDocument, Engine
 from dynkv_cli.errors import UsageError
+from dynkv_cli.methods import parse_method
 from dynkv_cli.model import LoadedModel
 from dynkv_cli.prompt import TaskPrompt, encode, prompt_ids
+
 from .tasks import TASKS, Example, format_prompt, make_example, score, suite_seed
 
 FULL = "full"
@@ -84,21 +86,19 @@ def resolve_methods(text: str | None, mix: bool = False) -> list[str]:
     ``full`` is always measured (it is the reference) and is not listed here. With ``mix`` every method
     that scores with attention is measured a second time with MixKV mixing, as ``<method>+mix``.
     """
-    from dynkv_cli.methods import METHODS
+    from dynkv_cli.methods import ALIASES, METHODS
 
     names = split_words(text)
     if not names or names == ["all"]:
-        names = list(METHODS)
-    unknown = [n for n in names if n.removesuffix(MIX_SUFFIX) not in METHODS]
-    if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        names = [*METHODS, *ALIASES]
+    for n in names:
+        parse_method(n)  # an unknown method or part: one line naming the valid ones
     out = [n for n in dict.fromkeys(names) if n != FULL]
     if mix:
         for n in list(out):
-            cls = METHODS[n.removesuffix(MIX_SUFFIX)]
-            scores = getattr(cls, "compresses", True) and getattr(cls, "uses_attention", True)
-            if not n.endswith(MIX_SUFFIX) and scores and n + MIX_SUFFIX not in out:
-                out.append(n + MIX_SUFFIX)
+            m = n + MIX_SUFFIX
+            if not n.endswith(MIX_SUFFIX) and m not in out and parse_method(n).observation() != "none":
+                out.append(m)
     return out
 
 
@@ -269,7 +269,7 @@ class QualityResult:
     chunk_size: int
     num_layers: int
     command: str = ""
-    retention: dict = field(default_factory=dict)  # the RetentionSettings every method ran with
+    retention: dict = field(default_factory=dict)  # the retention settings every method ran with (DynamicKV's names)
     predictions: list[Prediction] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -548,12 +548,9 @@ def check_targets(result: QualityResult, length: int = TARGET_LENGTH) -> list[di
 # The run
 
 
-def _settings(method: str, budget: str, chunk_size: int | None, retention: RetentionSettings) -> CompressionSettings:
-    base = method.removesuffix(MIX_SUFFIX)
-    ret = RetentionSettings(**asdict(retention))
-    if method.endswith(MIX_SUFFIX):
-        ret.mix = True
-    return CompressionSettings(method=base, budget=budget, chunk_size=chunk_size, retention=ret)
+def _settings(method: str, budget: str, chunk_size: int | None, retention: dict) -> CompressionSettings:
+    """``method`` may carry wrappers (``snapkv+mix``); ``retention`` by name, each method takes its own."""
+    return CompressionSettings(method=method, budget=budget, chunk_size=chunk_size, retention=dict(retention))
 
 
 def run_one(
@@ -562,7 +559,7 @@ def run_one(
     method: str,
     budget: str,
     chunk_size: int | None,
-    retention: RetentionSettings,
+    retention: dict,
     answer_fn: AnswerFn,
     max_new_tokens: int | None = None,
 ) -> Prediction:
@@ -607,7 +604,7 @@ def run_quality(
     examples: int = 1,
     seed: int = 0,
     chunk_size: int | None = None,
-    retention: RetentionSettings | None = None,
+    retention: dict | None = None,
     answer_fn: AnswerFn | None = None,
     max_new_tokens: int | None = None,
     on_prediction: Callable[[Prediction], None] | None = None,
@@ -627,7 +624,7 @@ def run_quality(
     """
     if examples < 1:
         raise UsageError(f"--examples must be at least 1 (got {examples})")
-    retention = (retention or RetentionSettings()).validate()
+    retention = parse_method("dynamickv", retention or {}).retention()
     answer_fn = answer_fn or generate_answer
     methods = [m for m in methods if m != FULL]
     chunk = Engine(lm, CompressionSettings(method=FULL, budget=FULL, chunk_size=chunk_size)).chunk_size
@@ -642,7 +639,7 @@ def run_quality(
         chunk_size=chunk,
         num_layers=lm.shape.num_layers,
         command=command,
-        retention=asdict(retention),
+        retention=dict(retention),
     )
     t0 = time.perf_counter()
     tok = lm.tokenizer
@@ -965,7 +962,7 @@ def quality_command(
         budget_list = resolve_budgets(budgets)
         method_list = resolve_methods(methods, mix)
         given = {"r_max": r_max, "r_min": r_min}
-        retention = RetentionSettings(**{k: v for k, v in given.items() if v is not None}).validate()
+        retention = parse_method("dynamickv", {k: v for k, v in given.items() if v is not None}).retention()
         model = resolve_model(model)
         lm = load_model(model, device=device, dtype=dtype)
         total = len(length_list) * len(task_list) * examples * runs_per_example(method_list, budget_list)

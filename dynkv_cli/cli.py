@@ -824,6 +824,29 @@ def models(*, opts: Options) -> None:
     _emit(table(rows, right=False), None)
 
 
+@app.command(
+    "methods", epilog="Examples:\n\n\b\n  dynkv methods\n  dynkv qa report.pdf -q '...' --method dynamickv+adakv"
+)
+@shared_options("json", "debug")
+def methods_command(*, opts: Options) -> None:
+    """The compression methods and wrappers, with their settings (a profile's retention: keys) and defaults."""
+    from .methods import describe_methods
+    from .report import table
+
+    found = describe_methods()
+    if opts.json:
+        _emit([json.dumps(found, ensure_ascii=False)], None)
+        return
+    rows = [["name", "kind", "settings (defaults)", "what it keeps"]]
+    for m in found:
+        settings = ", ".join(f"{k}={v}" for k, v in m["settings"].items()) or "-"
+        rows.append([m["name"], m["kind"], settings, m["summary"]])
+    lines = table(rows, right=False)
+    lines.append("")
+    lines.append("Combine with +: snapkv+mix, dynamickv+adakv (adakv alone is snapkv+adakv).")
+    _emit(lines, None)
+
+
 @profiles_app.callback()
 def _profiles_root(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:

@@ -13,14 +13,14 @@ the whole document would take.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .config import GenerationSettings
 from .documents import Document
-from .engine import DEFAULT_PROBE
+from .engine import DEFAULT_PROBE, CompressStats
 from .errors import UsageError
-from .methods import METHODS
+from .methods import parse_method
 from .model import LoadedModel
 from .profiles import Profile
 from .tasks import Hooks, TaskRunner
@@ -28,28 +28,40 @@ from .tasks import Hooks, TaskRunner
 BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
+#: what a method's row reports of its compression (the JSON keys, in order)
+_STATS_SHOWN = (
+    "budget", "budget_tokens", "doc_tokens", "prefix_tokens", "chunk_size", "chunks", "kept_per_layer",
+    "bytes_used", "full_kv_bytes", "compression_ratio", "peak_memory_bytes", "peak_memory_kind",
+    "prefill_seconds", "prefill_tokens_per_s", "score_seconds",
+)  # fmt: skip
+
+
 @dataclass
 class MethodReport:
+    """One method's row: its compression stats (read through, never copied) and its answer's timing."""
+
     method: str
-    budget: str
-    budget_tokens: int | None
-    doc_tokens: int
-    prefix_tokens: int
-    chunk_size: int
-    chunks: int
-    kept_per_layer: list[int]
-    bytes_used: int
-    full_kv_bytes: int
-    compression_ratio: float
-    peak_memory_bytes: int
-    peak_memory_kind: str
-    prefill_seconds: float
-    prefill_tokens_per_s: float
-    score_seconds: float
+    stats: CompressStats
     first_token_seconds: float
     decode_tokens: int
     decode_seconds: float
     decode_tokens_per_s: float
+
+    def __getattr__(self, name: str):
+        if name in _STATS_SHOWN:
+            return getattr(self.stats, name)
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict:
+        d = self.stats.to_dict()
+        return {
+            "method": self.method,
+            **{k: d[k] for k in _STATS_SHOWN},
+            "first_token_seconds": self.first_token_seconds,
+            "decode_tokens": self.decode_tokens,
+            "decode_seconds": self.decode_seconds,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
 
 
 @dataclass
@@ -67,7 +79,8 @@ class MemoryReport:
     methods: list[MethodReport] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "methods"}
+        return {**d, "methods": [m.to_dict() for m in self.methods]}
 
     def render(self, bar_width: int = 24) -> str:
         return render(self, bar_width)
@@ -91,9 +104,8 @@ def profile_document(
     ``warmup``: first run one short untimed pass (kernel compilation, allocator, lazy imports), so the
     first method's timings are not charged for them.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
+    for m in methods:
+        parse_method(m)  # an unknown method: one line naming the valid ones
     if not methods:
         raise UsageError("no methods given: e.g. --methods dynamickv,snapkv")
     question = profile.instruction or profile.probe or DEFAULT_PROBE
@@ -117,25 +129,10 @@ def profile_document(
         cdoc = runner.compress(doc, question=question)
         gen = GenerationSettings(max_new_tokens=decode_tokens, temperature=0.0)
         answer = runner.engine.ask(cdoc, question, generation=gen)
-        s = cdoc.stats
         report.methods.append(
             MethodReport(
                 method=name,
-                budget=s.budget,
-                budget_tokens=s.budget_tokens,
-                doc_tokens=s.doc_tokens,
-                prefix_tokens=s.prefix_tokens,
-                chunk_size=s.chunk_size,
-                chunks=s.chunks,
-                kept_per_layer=list(s.kept_per_layer),
-                bytes_used=s.bytes_used,
-                full_kv_bytes=s.full_kv_bytes,
-                compression_ratio=s.compression_ratio,
-                peak_memory_bytes=s.peak_memory_bytes,
-                peak_memory_kind=s.peak_memory_kind,
-                prefill_seconds=s.prefill_seconds,
-                prefill_tokens_per_s=s.prefill_tokens_per_s,
-                score_seconds=s.score_seconds,
+                stats=cdoc.stats,
                 first_token_seconds=answer.first_token_seconds,
                 decode_tokens=len(answer.token_ids),
                 decode_seconds=answer.decode_seconds,

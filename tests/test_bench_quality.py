@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from dynkv_bench import quality as Q
+from dynkv_bench.tasks import format_prompt, make_example, make_suite, score
 from tiny import make_model
 
 from dynkv_cli import load_model
-from dynkv_bench import quality as Q
-from dynkv_bench.tasks import format_prompt, make_example, make_suite, score
 
 LENGTH = 512
 
@@ -121,12 +121,12 @@ def test_dropping_the_needle_fails_it(lm):
         text = tok.decode([prep.doc_ids[i] for i in kept])
         return example.answer if example.answer in text else "unknown"
 
-    keep = Q.run_one(lm, prep, "streamingllm", "16", 128, Q.RetentionSettings(), oracle)
+    keep = Q.run_one(lm, prep, "streamingllm", "16", 128, {}, oracle)
     assert not set(needle) & set(seen["streamingllm"])
     assert keep.prediction == "unknown" and keep.score == 0.0
     assert keep.kept_per_layer == [16] * lm.shape.num_layers
     assert set(needle) >= set(prep.evidence) and prep.evidence and keep.evidence_kept == 0.0
-    full = Q.run_one(lm, prep, Q.FULL, Q.FULL, 128, Q.RetentionSettings(), oracle)
+    full = Q.run_one(lm, prep, Q.FULL, Q.FULL, 128, {}, oracle)
     assert set(needle) <= set(seen["full"])
     assert full.prediction == ex.answer and full.score == 1.0 and full.evidence_kept == 1.0
     # the scoring path: a wrong or partial answer scores 0, the answer with spacing noise scores 1
@@ -168,9 +168,9 @@ def test_targets_and_distances_from_a_table():
 def test_words():
     assert [Q.parse_length(w) for w in ("512", "4k", "8K")] == [512, 4096, 8192]
     assert Q.resolve_budgets("0.9%, 128") == ["0.9%", "128"]
-    from dynkv_cli.methods import METHODS
+    from dynkv_cli.methods import ALIASES, METHODS
 
-    assert Q.resolve_methods(None) == [m for m in METHODS if m != "full"]
+    assert Q.resolve_methods(None) == [m for m in [*METHODS, *ALIASES] if m != "full"]
     assert Q.resolve_methods("snapkv,streamingllm", mix=True) == ["snapkv", "streamingllm", "snapkv+mix"]
     with pytest.raises(Q.UsageError):
         Q.resolve_tasks("niah_single,nope")
@@ -178,9 +178,8 @@ def test_words():
 
 def test_command_end_to_end(model_path, tmp_path):
     import typer
-    from typer.testing import CliRunner
-
     from dynkv_bench.cli import bench_app
+    from typer.testing import CliRunner
 
     root = typer.Typer()
     root.add_typer(bench_app, name="bench")
@@ -278,14 +277,14 @@ def test_rounds_are_the_suite_examples_and_time_limit_keeps_cells_equal(lm):
 def test_r_max_caps_the_dynamickv_layers_and_is_recorded(lm):
     """--r-max 1 leaves DynamicKV no layer above the average budget B (plus its window); the result
     records the settings, and results run with other settings do not merge."""
-    from dynkv_cli.config import RetentionSettings
+    from dynkv_cli.methods.dynamickv import DynamicKVSettings
 
     kw = dict(tasks=["niah_single"], lengths=[512], budgets=["5%"], methods=["dynamickv"], examples=1, chunk_size=128)
     free = Q.run_quality(lm, answer_fn=lambda *a: "", **kw)
-    capped = Q.run_quality(lm, answer_fn=lambda *a: "", retention=RetentionSettings(r_max=1.0), **kw)
+    capped = Q.run_quality(lm, answer_fn=lambda *a: "", retention={"r_max": 1.0}, **kw)
     (p_free,) = [p for p in free.predictions if p.method == "dynamickv"]
     (p_cap,) = [p for p in capped.predictions if p.method == "dynamickv"]
-    window = RetentionSettings().window
+    window = DynamicKVSettings().window
     assert max(p_free.kept_per_layer) > p_free.budget_tokens + window  # uncapped, the budget moves between layers
     assert max(p_cap.kept_per_layer) <= p_cap.budget_tokens + window
     assert capped.to_dict()["retention"]["r_max"] == 1.0 and free.retention["r_max"] == 10.0

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from method_matrix import method_matrix
 from tiny import make_model, text_of
 
 from dynkv_cli import CompressionSettings, Engine, GenerationSettings, TaskPrompt, load_model
@@ -105,10 +106,8 @@ def _explicit_mask_attention(module, query, key, value, attention_mask, dropout=
     return out.to(query.dtype).transpose(0, 1)[None].contiguous(), None
 
 
-@pytest.mark.parametrize(
-    "method,head_adaptive", [("dynamickv", False), ("adakv", True), ("dynamickv+adakv", True), ("snapkv+mix", False)]
-)
-def test_ragged_layers_suffix_and_decode_match_explicit_masks(llama, method, head_adaptive):
+@pytest.mark.parametrize("method", method_matrix())
+def test_suffix_and_decode_match_explicit_masks(llama, method):
     from transformers import AttentionInterface
 
     AttentionInterface.register("dynkv_ref", _explicit_mask_attention)
@@ -116,7 +115,7 @@ def test_ragged_layers_suffix_and_decode_match_explicit_masks(llama, method, hea
     eng = Engine(lm, CompressionSettings(method=method, budget="12", chunk_size=40), GenerationSettings(3))
     doc = eng.compress(doc_ids(lm), PROMPT, question=QUESTION)
     lengths = doc.cache.lengths()
-    if head_adaptive:  # heads of a layer hold different numbers of tokens
+    if "adakv" in method:  # heads of a layer hold different numbers of tokens
         assert doc.cache.ragged and any(len(set(n)) > 1 for n in lengths)
     elif method == "dynamickv":
         assert len(set(lengths)) > 1, "layers should hold different numbers of tokens"
@@ -150,21 +149,19 @@ def test_ragged_layers_suffix_and_decode_match_explicit_masks(llama, method, hea
         lm.model.set_attn_implementation("dynkv")
 
 
-@pytest.mark.parametrize(
-    "method", ["dynamickv", "snapkv", "pyramidkv", "streamingllm", "h2o", "adakv", "dynamickv+adakv", "snapkv+mix"]
-)
+@pytest.mark.parametrize("method", method_matrix(full=False))
 @pytest.mark.parametrize("observation", ["probe", "tail"])
 def test_memory_bounded_after_every_chunk(llama, method, observation):
     lm = llama
     B, w, C = 16, 4, 48
     ret = dict(observation=observation, window=w, r_max=3.0, update_interval=3)
-    eng = Engine(lm, CompressionSettings(method=method, budget=str(B), chunk_size=C, retention=ret))
-    method, _, option = method.partition("+")
+    settings = CompressionSettings(method=method, budget=str(B), chunk_size=C, retention=ret)
+    eng = Engine(lm, settings)
     seen = []
     doc = eng.compress(doc_ids(lm, 500), PROMPT, question=QUESTION, on_progress=seen.append)
     L = lm.shape.num_layers
-    pin = w if observation == "tail" or method == "h2o" else 0
     G = lm.shape.num_kv_heads
+    pin = settings.spec.create(B, L, G).pinned_window  # tail observation and H2O keep the last window
     assert len(seen) == doc.stats.chunks > 5
     for p in seen:
         assert sum(p.kept_per_layer) <= B * L + pin * L + L  # (+L: a ragged layer's mean is rounded)
@@ -175,7 +172,7 @@ def test_memory_bounded_after_every_chunk(llama, method, observation):
         for h in range(G):
             pos = _head_entries(layer, h)[2]
             assert torch.all(pos[1:] > pos[:-1])  # ascending, no duplicates
-    if option == "adakv" or method == "adakv":
+    if "adakv" in method:
         assert doc.cache.ragged and sum(sum(h) for h in per_head) <= G * (B + pin) * L
         # flat storage: bytes are exactly the kept entries, no padding to the longest head
         es = 2 * lm.shape.head_dim * 4 + 8 + 4
@@ -208,7 +205,7 @@ def test_several_questions_one_cache(llama):
     assert a2.question == "who owns the garden"
 
 
-@pytest.mark.parametrize("method", ["dynamickv", "adakv"])
+@pytest.mark.parametrize("method", method_matrix())
 def test_save_load_ask_again(llama, models, tmp_path, method):
     eng = Engine(llama, CompressionSettings(method=method, budget="3%", chunk_size=50), GenerationSettings(6))
     doc = eng.compress(text_of(300), PROMPT, question=QUESTION, source="doc.txt")

@@ -149,7 +149,7 @@ def describe_methods() -> list[dict]:
         for name, cls in table.items():
             defaults = {} if cls.Settings is NoSettings else asdict(cls.Settings())
             doc = (cls.__module__ and __import__(cls.__module__, fromlist=["x"]).__doc__ or "").strip()
-            out.append({"name": name, "kind": kind, "settings": defaults, "summary": doc.splitlines()[0] if doc else ""})
+            out.append({"name": name, "kind": kind, "settings": defaults, "summary": doc.splitlines()[0].replace("``", "") if doc else ""})
     return out
 
 
