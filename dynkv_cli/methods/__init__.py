@@ -19,6 +19,7 @@ from .base import Method, NoSettings, Wrapper
 from .dynamickv import DynamicKVMethod
 from .full import FullMethod
 from .h2o import H2OMethod
+from .knorm import KNormMethod
 from .mixkv import Mix
 from .pyramidkv import PyramidKVMethod
 from .snapkv import SnapKVMethod
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
         PyramidKVMethod,
         StreamingLLMMethod,
         H2OMethod,
+        KNormMethod,
     )
 }
 #: wrappers by name (``base+wrapper``)
