@@ -29,13 +29,13 @@ import torch
 from .budget import PERCENT_WARN_TOKENS, Budget, fitting_budget, format_bytes, parse_memory
 from .cache import CompressedCache
 from .config import CompressionSettings, GenerationSettings, dataclass_from_dict
+from .decode import decode, eos_ids, loop_end, pick, stop_at
 from .errors import CacheFileError, CacheTooLargeError, DynkvError, OutOfMemoryError, UsageError
 from .kernels import observation_scores
 from .methods import Method, parse_method
 from .methods.base import Candidates
 from .model import LoadedModel, rotate_keys
 from .prompt import TaskPrompt, encode, prompt_ids
-from .decode import decode, eos_ids, loop_end, pick, stop_at
 
 DEFAULT_PROBE = "Answer questions about the document above."
 #: Positions kept free after the document for a question and its prompt (besides max_new_tokens).
@@ -185,6 +185,18 @@ def _release_host_memory() -> None:
         trim(0)
 
 
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:
+    """``cache`` where the model's forward takes it (transformers >= 5.24), else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _cache_keyword(model) -> str:
+    return _cache_keyword_of(type(model))
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -268,10 +280,13 @@ class _Pass:
 
     def after_attention(self, l: int, query: torch.Tensor, scaling: float) -> None:
         """Score and cut layer ``l`` (its attention for this pass is done), then maybe re-share budgets."""
+        layer = self.cache.layers[l]
+        if self.method.keeps_all:  # the full reference: nothing to score, only the probe's entries leave
+            layer.truncate(layer.length - self.n_probe)
+            return
         if self.sync:
             _synchronize(query.device)
         t0 = time.perf_counter()
-        layer = self.cache.layers[l]
         g = query.shape[1] // layer.num_kv_heads
         rows = []  # per KV head: (scores, positions) of its candidates
         for group in layer.head_groups():
@@ -371,10 +386,11 @@ class Engine:
         return 4096 if self.lm.device.type == "cuda" else 1024
 
     def _forward(
-        self, ids: list[int] | torch.Tensor, cache: CompressedCache, state: _Pass | None = None
+        self, ids: list[int] | torch.Tensor, cache: CompressedCache, state: _Pass | None = None, keep: int = 1
     ) -> torch.Tensor:
         """Logits of the last of ``ids`` (a host list, or a tensor of ids already on the device: a greedy
-        pick fed back without a host sync) run over ``cache`` at positions from ``cache.next_pos``."""
+        pick fed back without a host sync) run over ``cache`` at positions from ``cache.next_pos``;
+        ``keep > 1``: the logits ``[keep, vocab]`` of the last ``keep`` ids."""
         dev = self.lm.device
         if isinstance(ids, torch.Tensor):
             input_ids, n = ids.reshape(1, -1).to(dev), ids.numel()
@@ -387,16 +403,16 @@ class Engine:
             out = self.lm.model(
                 input_ids=input_ids,
                 position_ids=pos[None],
-                past_key_values=cache,
+                **{_cache_keyword(self.lm.model): cache},
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=keep,
                 **kwargs,
             )
         except torch.OutOfMemoryError as e:
             raise OutOfMemoryError(self._oom_advice(cache, n)) from e
         finally:
             cache.pending_positions = None
-        return out.logits[0, -1]
+        return out.logits[0, -1] if keep == 1 else out.logits[0, -keep:]
 
     def _ensure_positions(self, cache: CompressedCache, needed: int) -> None:
         """Compact positions (one monotone map for all layers, keys re-rotated) if ``needed`` more won't fit."""
@@ -746,6 +762,31 @@ class Engine:
         return Answer(
             question, out.text, out.token_ids, out.stop_reason, len(suffix), t_first, total - t_first, first_logits
         )
+
+    def teacher_force(self, doc: CompressedDocument, question: str, answer_ids: list[int]) -> list[tuple[float, int]]:
+        """How the compressed cache scores a given answer: per answer token, its log-probability and the
+        argmax id at its position (teacher forcing: the question and ``answer_ids[:-1]`` in one pass).
+
+        A benchmark's fidelity score compares these with full KV's. The cache is left as it was.
+        """
+        if not answer_ids:
+            return []
+        lm, cache = self.lm, doc.cache
+        suffix = prompt_ids(lm.tokenizer, doc.prompt, question).suffix
+        ids = suffix + list(answer_ids[:-1])
+        lengths, pos0 = cache.lengths(), cache.next_pos
+        try:
+            with torch.inference_mode():
+                self._ensure_positions(cache, len(ids))
+                lengths, pos0 = cache.lengths(), cache.next_pos
+                logits = self._forward(ids, cache, keep=len(answer_ids)).float().reshape(len(answer_ids), -1)
+        finally:
+            cache.truncate(lengths)
+            cache.next_pos = pos0
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(answer_ids, device=logp.device)
+        got = logp.gather(1, target[:, None])[:, 0]
+        return list(zip(got.tolist(), logp.argmax(-1).tolist()))
 
     def load(self, path: str | Path, *, on_warning: Callable[[str], None] | None = None) -> CompressedDocument:
         """Load a cache saved by :meth:`CompressedDocument.save`; refuses a cache made with another model.

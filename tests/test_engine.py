@@ -293,3 +293,16 @@ def test_chunking_regroups_pieces_exactly():
         out = list(_chunked(iter(pieces), size))
         assert [x for c in out for x in c] == [x for p in pieces for x in p]
         assert all(len(c) == size for c in out[:-1]) and (not out or 0 < len(out[-1]) <= size)
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv"])
+def test_teacher_force_scores_the_greedy_answer_and_leaves_the_cache(llama, method):
+    eng = Engine(llama, CompressionSettings(method=method, budget="24", chunk_size=40), GenerationSettings(6))
+    doc = eng.compress(doc_ids(llama), PROMPT, question=QUESTION)
+    lengths = doc.cache.lengths()
+    ans = eng.ask(doc, QUESTION)
+    forced = eng.teacher_force(doc, QUESTION, ans.token_ids)
+    assert doc.cache.lengths() == lengths
+    assert [top for _, top in forced] == ans.token_ids  # greedy: each token was the argmax where it stands
+    assert all(lp <= 0 for lp, _ in forced)
+    assert eng.teacher_force(doc, QUESTION, ans.token_ids[:1])[0][1] == ans.token_ids[0]
