@@ -293,10 +293,27 @@ class RaggedLayer(DynamicLayer):
 
     @property
     def offsets(self) -> torch.Tensor:
-        off = [0]
-        for n in self.lens:
-            off.append(off[-1] + n)
-        return torch.tensor(off, dtype=torch.long, device=self.keys.device)
+        """Where each head's rows start, and the end: ``[G + 1]`` on the keys' device.
+
+        Kept between calls and moved on the device when every head grew by the same count (a decode
+        step adds one entry per head): a host list copied to CUDA would sync the stream every layer
+        and every token."""
+        lens, dev = tuple(self.lens), self.keys.device
+        cached = getattr(self, "_offsets", None)
+        if cached is not None and cached[0] != lens:
+            old, off = cached
+            grew = lens[0] - old[0] if len(old) == len(lens) and lens else None
+            if grew is None or off.device != dev or any(a - b != grew for a, b in zip(lens, old)):
+                cached = None
+            else:
+                cached = (lens, off + torch.arange(len(lens) + 1, device=dev) * grew)
+        if cached is None:
+            off = [0]
+            for n in lens:
+                off.append(off[-1] + n)
+            cached = (lens, torch.tensor(off, dtype=torch.long, device=dev))
+        self._offsets = cached
+        return cached[1]
 
     def _bounds(self) -> list[tuple[int, int]]:
         out, a = [], 0

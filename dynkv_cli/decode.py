@@ -181,7 +181,7 @@ class _Answer:
         self.ids = self.detok.ids
         self.stop_reason = "max_new_tokens"
         self.text: str | None = None  # set when a stop string cuts it
-        self._searched = 0  # stop strings were searched in current()[:_searched] already
+        self._searched = 0  # settled text searched for stop strings so far (its length)
         self._longest_stop = max((len(s) for s in gen.stop if s), default=0)
         self.shown = ""  # text given to on_token so far
         self._held_at: tuple[int, str] | None = None  # (m, text of ids[:m]) last computed for a held-back tail
@@ -208,7 +208,8 @@ class _Answer:
         text = self.text if self.text is not None else self.detok.current()
         start = max(0, self._searched - self._longest_stop + 1)
         cut = stop_at(text, self.gen.stop, start)
-        self._searched = len(text)
+        # settled text never changes; the unsettled tail (incomplete characters) may, so it is searched again
+        self._searched = len(self.detok.text)
         if cut is not None:
             self.text, self.stop_reason = text[:cut], "stop_string"
 

@@ -190,3 +190,13 @@ def test_positions_and_scores_follow_select_and_load(tmp_path):
         assert torch.equal(a.scores, b.scores) and torch.equal(a.values, b.values)
     loaded.layers[0].update(*_layer_states(1))  # a loaded layer grows on its first question token
     assert loaded.layers[0].length == 4 and loaded.layers[0].growths == 1
+
+
+@pytest.mark.parametrize("stop,expected", [("😀", "café "), ("é 😀", "caf"), (" done", "café 😀")])
+def test_stop_strings_with_multi_byte_characters(tiny_tok, stop, expected):
+    ids = _ids(tiny_tok, "café 😀 done. next")
+    step, first, _ = _scripted(ids, len(tiny_tok))
+    shown: list[str] = []
+    gen = GenerationSettings(max_new_tokens=100, stop=[stop]).validate()
+    out = decode(step, first, tiny_tok, gen, set(), on_token=shown.append)
+    assert out.stop_reason == "stop_string" and out.text == expected and "".join(shown) == expected
