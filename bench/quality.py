@@ -20,7 +20,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import typer
@@ -32,7 +32,18 @@ from dynkv_cli.methods import parse_method
 from dynkv_cli.model import LoadedModel
 from dynkv_cli.prompt import TaskPrompt, encode, prompt_ids
 
-from .tasks import TASKS, Example, format_prompt, make_example, score, suite_seed
+from .tasks import (
+    CHAT_AFTER,
+    CHAT_BEFORE,
+    CHAT_SYSTEM,
+    TASK_ALIASES,
+    TASKS,
+    Example,
+    format_prompt,
+    make_example,
+    score,
+    suite_seed,
+)
 
 FULL = "full"
 DEFAULT_BUDGETS = ("0.9%", "1.7%", "6.9%")
@@ -42,6 +53,17 @@ NEEDLE_CATEGORY = "retrieval"
 #: Below this full-KV average (percent) the targets are reported as not measurable.
 MIN_FULL_ACCURACY = 50.0
 MIX_SUFFIX = "+mix"
+#: aware: the question is the probe, one compression per question; agnostic: one compression with the
+#: generic probe (the qa profile's, what ``questions: shared`` and ``.dkv`` files do), then the question
+PROTOCOLS = ("aware", "agnostic")
+AGNOSTIC_PROBE = (
+    "Answer questions about the document above. Questions may ask for names, numbers, dates, keys or facts."
+)
+#: chat: the model's chat template with the qa profile's system and user text; plain: "<doc>\n<q>\nAnswer:"
+PROMPT_STYLES = ("chat", "plain")
+#: the split every table reports, and the one kept apart for tuning anything on the suite
+REPORTED_SPLIT, TUNING_SPLIT = "eval", "tune"
+SUMMARY = "summary"
 
 #: answer_fn(engine, compressed document, example, generation) -> prediction text
 AnswerFn = Callable[[Engine, CompressedDocument, Example, GenerationSettings], str]
@@ -71,13 +93,24 @@ def split_words(text: str | None) -> list[str]:
 
 
 def resolve_tasks(text: str | None) -> list[str]:
-    names = split_words(text)
+    """Task names (or their short names: passkey, vartrack, ...); ``summary`` is the multi_news task."""
+    names = [TASK_ALIASES.get(n, n) for n in split_words(text)]
     if not names or names == ["all"]:
         return list(TASKS)
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in TASKS and n != SUMMARY]
     if unknown:
-        raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    return names
+        known = [*TASKS, *TASK_ALIASES, SUMMARY]
+        raise UsageError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def resolve_protocols(text: str | None) -> list[str]:
+    names = split_words(text) or ["aware"]
+    names = list(PROTOCOLS) if names == ["both"] else names
+    bad = [n for n in names if n not in PROTOCOLS]
+    if bad:
+        raise UsageError(f"unknown protocol(s) {', '.join(bad)}; choose from aware, agnostic (or both)")
+    return list(dict.fromkeys(names))
 
 
 def resolve_methods(text: str | None, mix: bool = False) -> list[str]:
@@ -127,6 +160,10 @@ class PreparedExample:
     suffix_ids: list[int]
     answer_tokens: int
     evidence: list[int] = field(default_factory=list)  # document token indices of the answer's occurrences
+    style: str = "plain"  # "chat" or "plain" (PROMPT_STYLES)
+    chat_template: bool = False  # the prompt went through the tokenizer's chat template
+    max_new_tokens: int | None = None  # None: answer_budget()
+    repetition_guard: dict | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -156,8 +193,47 @@ def task_prompt(example: Example) -> TaskPrompt:
     )
 
 
-def prepare(tokenizer, example: Example, index: int, seed: int, length: int) -> PreparedExample:
-    """Tokenise the document once; check the ids the engine will see equal :func:`reference_ids`."""
+def chat_prompt(example: Example, answer_prefix: bool = True) -> TaskPrompt:
+    """The suite's prompt for a real instruction model, as ``dynkv qa`` asks (profiles/qa.yaml): the
+    chat template, the qa system text, the document in the user turn and the question after it; the
+    task's answer prefix (RULER's, "The special magic number for K is") opens the assistant turn.
+    A tokenizer without a chat template gets the same text plainly (system, blank line, user text)."""
+    return TaskPrompt(
+        system=CHAT_SYSTEM,
+        before_document=CHAT_BEFORE,
+        after_document=CHAT_AFTER,
+        answer_prefix=example.prefix if answer_prefix else "",
+        use_chat_template=True,
+    )
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prepare(tokenizer, example: Example, index: int, seed: int, length: int, style: str = "chat") -> PreparedExample:
+    """Tokenise the document once. ``plain``: check the ids the engine will see equal :func:`reference_ids`;
+    ``chat``: the prompt of :func:`chat_prompt` (through the chat template when the tokenizer has one)."""
+    if style not in PROMPT_STYLES:
+        raise UsageError(f"unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
+    if style == "chat":
+        prompt = chat_prompt(example)
+        doc_ids = encode(tokenizer, example.document)
+        p = prompt_ids(tokenizer, prompt, example.question)
+        return PreparedExample(
+            example,
+            index,
+            seed,
+            length,
+            prompt,
+            doc_ids,
+            p.prefix,
+            p.suffix,
+            len(encode(tokenizer, " " + example.answer)),
+            evidence_tokens(tokenizer, example),
+            style="chat",
+            chat_template=has_chat_template(tokenizer),
+        )
     doc, _ = format_prompt(example)
     prompt = task_prompt(example)
     doc_ids = encode(tokenizer, doc)
@@ -222,13 +298,16 @@ def evidence_kept(doc: CompressedDocument, evidence: list[int]) -> float | None:
 
 
 def answer_budget(prep: PreparedExample) -> int:
-    """New tokens allowed: the answer, its EOS and 4 more."""
-    return prep.answer_tokens + 1 + 4
+    """New tokens allowed: the answer, its EOS and 4 more (plain); chat: 24 more, for a sentence around it."""
+    if prep.max_new_tokens:
+        return prep.max_new_tokens
+    return prep.answer_tokens + 1 + (24 if prep.style == "chat" else 4)
 
 
-def generate_answer(engine: Engine, doc: CompressedDocument, example: Example, gen: GenerationSettings) -> str:
-    """Default answer function: greedy decoding from the compressed cache."""
-    return engine.ask(doc, example.question, generation=gen).text.strip()
+def generate_answer(engine: Engine, doc: CompressedDocument, example: Example, gen: GenerationSettings):
+    """Default answer function: greedy decoding from the compressed cache (the :class:`Answer`, whose
+    ``token_ids`` the fidelity score teacher-forces; an answer function may return plain text)."""
+    return engine.ask(doc, example.question, generation=gen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +334,107 @@ class Prediction:
     depth: float
     seconds: float
     evidence_kept: float | None = None  # share of the answer's tokens in the cache (mean over layers, heads)
+    # ---- the cell (results files are keyed by cell_key) and the fidelity score
+    model: str = ""
+    protocol: str = "aware"  # PROTOCOLS; full KV and summaries serve both (shared_cell)
+    prompt: str = "plain"  # PROMPT_STYLES
+    split: str = REPORTED_SPLIT
+    config: str = ""  # chunk size and retention settings of a compressed run ("full" for full KV)
+    answer_ids: list[int] = field(default_factory=list)  # the generated answer's token ids
+    # full KV only: the log-prob of each of its answer tokens under the full cache (what compressed runs are
+    # compared with)
+    answer_logprobs: list[float] | None = None
+    fidelity_gap: float | None = None  # mean per-token log-prob gap, full - compressed, on full KV's answer
+    fidelity_agreement: float | None = None  # share of those positions where the compressed argmax is full's token
+    fidelity_tokens: int = 0
+    stop_reason: str = ""
+    rouge_full: float | None = None  # summaries: ROUGE-L F1 against the full-KV summary (score: against the reference)
+    off_topic: bool | None = None  # summaries: shares no named entity with its document
+    reused: bool = False  # read from the results file, not computed in this run (not written)
+
+
+def shared_cell(method: str, task: str) -> bool:
+    """Cells that do not depend on the protocol: full KV (nothing dropped, the probe never matters) and
+    summaries (the instruction is the task's own, question-agnostic probe in both protocols)."""
+    return method == FULL or task == SUMMARY
+
+
+def cell_key(p: Prediction | dict) -> tuple:
+    """(model, prompt, protocol, task, length, example seed, method, budget, config): one line of a results file.
+
+    Protocol-free cells (:func:`shared_cell`) carry ``*`` for the protocol, so either protocol reuses them."""
+    d = p if isinstance(p, dict) else asdict(p)
+    proto = "*" if shared_cell(d["method"], d["task"]) else d.get("protocol", "aware")
+    return (
+        d.get("model", ""),
+        d.get("prompt", "plain"),
+        proto,
+        d["task"],
+        int(d["length"]),
+        int(d["seed"]),
+        d["method"],
+        d["budget"],
+        d.get("config", ""),
+    )
+
+
+def run_config(method: str, chunk_size: int, retention: dict) -> str:
+    """What besides the cell decides a compressed run's result (so a changed setting is a new cell)."""
+    import json
+
+    if method == FULL:
+        return FULL
+    return f"chunk={chunk_size} " + json.dumps(retention, sort_keys=True, separators=(",", ":"))
+
+
+class ResultsFile:
+    """A JSON-lines file of predictions, one per line, appended as each is made (``--results``).
+
+    A rerun with the same file skips every cell already in it (:func:`cell_key`): full-KV runs too, so
+    they are reused across methods, budgets and runs. A torn last line (a killed run) is ignored."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.rows: dict[tuple, dict] = {}
+        if self.path.exists():
+            import json
+
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                    self.rows[cell_key(row)] = row
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a killed run
+
+    def get(self, key: tuple) -> Prediction | None:
+        row = self.rows.get(key)
+        return None if row is None else prediction_from_row(row, reused=True)
+
+    def add(self, p: Prediction) -> None:
+        import json
+
+        row = asdict(p)
+        row.pop("reused", None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        self.rows[cell_key(row)] = row
+
+    def predictions(self) -> list[Prediction]:
+        return [prediction_from_row(r, reused=True) for r in self.rows.values()]
+
+
+def prediction_from_row(row: dict, reused: bool = False) -> Prediction:
+    names = set(Prediction.__dataclass_fields__)
+    p = Prediction(**{k: v for k, v in row.items() if k in names and k != "reused"})
+    p.reused = reused
+    return p
 
 
 @dataclass
@@ -273,6 +453,128 @@ class QualityResult:
     predictions: list[Prediction] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    protocols: list[str] = field(default_factory=lambda: ["aware"])
+    prompt: str = "plain"
+    notes: list[str] = field(default_factory=list)
+
+    # ---- slicing -------------------------------------------------------------------------------
+    def for_protocol(self, protocol: str) -> QualityResult:
+        """The same result with only ``protocol``'s predictions (and the protocol-free cells: full KV, summaries)."""
+        out = QualityResult(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        out.protocols = [protocol]
+        seen: set[tuple] = set()
+        out.predictions = []
+        for p in self.predictions:
+            if p.protocol != protocol and not shared_cell(p.method, p.task):
+                continue
+            k = cell_key(p)
+            if k not in seen:
+                seen.add(k)
+                out.predictions.append(p)
+        return out
+
+    def _cell(self, length: int, task: str, method: str, budget: str) -> list[Prediction]:
+        b = FULL if method == FULL else budget
+        return [
+            p
+            for p in self.predictions
+            if p.length == length and p.task == task and p.method == method and p.budget == b
+        ]
+
+    def full_of(self, p: Prediction) -> Prediction | None:
+        """The full-KV prediction of ``p``'s example."""
+        for q in self.predictions:
+            if q.method == FULL and (q.task, q.length, q.seed) == (p.task, p.length, p.seed):
+                return q
+        return None
+
+    # ---- fidelity, truncated numbers, off-topic summaries --------------------------------------
+    def fidelity(self, length: int, task: str | None, method: str, budget: str) -> dict:
+        """``{"gap": mean log-prob gap per token, "agreement": % top-1 agreement, "n": examples}``;
+        ``task=None``: the mean of the per-task means."""
+        if task is None:
+            rows = [self.fidelity(length, t, method, budget) for t in self.tasks]
+            rows = [r for r in rows if r["n"]]
+            if not rows:
+                return {"gap": None, "agreement": None, "n": 0}
+            return {
+                "gap": _r(statistics.fmean(r["gap"] for r in rows), 4),
+                "agreement": _r(statistics.fmean(r["agreement"] for r in rows)),
+                "n": sum(r["n"] for r in rows),
+            }
+        ps = [p for p in self._cell(length, task, method, budget) if p.fidelity_gap is not None]
+        if not ps:
+            return {"gap": None, "agreement": None, "n": 0}
+        return {
+            "gap": _r(statistics.fmean(p.fidelity_gap for p in ps), 4),
+            "agreement": _r(100.0 * statistics.fmean(p.fidelity_agreement for p in ps)),
+            "n": len(ps),
+        }
+
+    def truncations(self, length: int, method: str, budget: str, task: str | None = None) -> int:
+        """Compressed answers that name a strict part of a number full KV gave whole (:func:`truncated_number`)."""
+        n = 0
+        for t in [task] if task else self.tasks:
+            for p in self._cell(length, t, method, budget):
+                f = self.full_of(p)
+                if f is not None and truncated_number(f.prediction, p.prediction):
+                    n += 1
+        return n
+
+    def off_topic_count(self, length: int, method: str, budget: str) -> tuple[int, int]:
+        """(off-topic summaries, summaries) of ``method`` at ``budget``."""
+        ps = [p for p in self._cell(length, SUMMARY, method, budget) if p.off_topic is not None]
+        return sum(1 for p in ps if p.off_topic), len(ps)
+
+    def rouge_full(self, length: int, method: str, budget: str) -> float | None:
+        xs = [p.rouge_full for p in self._cell(length, SUMMARY, method, budget) if p.rouge_full is not None]
+        return 100.0 * statistics.fmean(xs) if xs else None
+
+    def summary_table(self) -> dict:
+        """Per model and protocol: ``{length: {budget: {method: {accuracy, pct_of_full, gap, agreement,
+        truncated, [rouge_l_ref, rouge_l_full, off_topic]}}}}``, everything averaged over tasks."""
+        out: dict = {}
+        for n in self.lengths:
+            full_avg = self.average(n, FULL, FULL)
+            per_b: dict = {}
+            for b in self.budgets:
+                per_m: dict = {}
+                for m in [FULL, *self.methods]:
+                    avg = self.average(n, m, b)
+                    fid = self.fidelity(n, None, m, b)
+                    row = {
+                        "accuracy": _r(avg),
+                        "pct_of_full": _r(100.0 * avg / full_avg) if avg is not None and full_avg else None,
+                        "logprob_gap": fid["gap"],
+                        "top1_agreement": fid["agreement"],
+                        "truncated_numbers": self.truncations(n, m, b) if m != FULL else 0,
+                    }
+                    if SUMMARY in self.tasks:
+                        off, tot = self.off_topic_count(n, m, b)
+                        row["rouge_l_reference"] = _r(self.accuracy(n, SUMMARY, m, b))
+                        row["rouge_l_full"] = _r(self.rouge_full(n, m, b))
+                        row["off_topic"] = off
+                        row["summaries"] = tot
+                    per_m[m] = row
+                per_b[b] = per_m
+            out[str(n)] = per_b
+        return out
+
+    def fidelity_table(self) -> dict:
+        """``{length: {budget: {method: {task: {gap, agreement, n}, "average": {...}}}}}``."""
+        return {
+            str(n): {
+                b: {
+                    m: {
+                        **{t: self.fidelity(n, t, m, b) for t in self.tasks},
+                        "average": self.fidelity(n, None, m, b),
+                    }
+                    for m in [FULL, *self.methods]
+                }
+                for b in self.budgets
+            }
+            for n in self.lengths
+        }
 
     # ---- aggregation -------------------------------------------------------------------------
     def accuracy(self, length: int, task: str, method: str, budget: str) -> float | None:
@@ -413,6 +715,9 @@ class QualityResult:
             predictions=[Prediction(**{k: v for k, v in p.items() if k in names}) for p in d["predictions"]],
             errors=list(d.get("errors", [])),
             seconds=float(d.get("seconds", 0.0)),
+            protocols=list(d.get("protocols", ["aware"])),
+            prompt=d.get("prompt", "plain"),
+            notes=list(d.get("notes", [])),
         )
 
     def to_dict(self) -> dict:
@@ -436,6 +741,27 @@ class QualityResult:
             "errors": self.errors,
             "predictions": [asdict(p) for p in self.predictions],
         }
+        first = self.for_protocol(self.protocols[0]) if len(self.protocols) > 1 else self
+        if first is not self:  # the top-level tables are the first protocol's; every protocol's are below
+            d.update(
+                table=first.table(),
+                evidence_kept=first.evidence_table(),
+                layer_budgets=first.layer_budgets(),
+                targets={str(n): first.targets(n) for n in self.lengths},
+            )
+        d["protocols"] = self.protocols
+        d["prompt"] = self.prompt
+        d["splits"] = {"reported": REPORTED_SPLIT, "tuning": TUNING_SPLIT, "tuned_on_reported": False}
+        d["notes"] = self.notes
+        d["by_protocol"] = {}
+        for proto in self.protocols:
+            r = self.for_protocol(proto) if len(self.protocols) > 1 else self
+            d["by_protocol"][proto] = {
+                "summary": r.summary_table(),
+                "table": r.table(),
+                "fidelity": r.fidelity_table(),
+                "layer_budgets": r.layer_budgets(),
+            }
         return d
 
 
@@ -479,7 +805,7 @@ def check_targets(result: QualityResult, length: int = TARGET_LENGTH) -> list[di
     """The issue's three targets at ``length``: met / missed / not measured, with the numbers."""
     out: list[dict] = []
     has = set(result.methods)
-    needle = [t for t in result.tasks if TASKS[t].category == NEEDLE_CATEGORY]
+    needle = [t for t in result.tasks if t in TASKS and TASKS[t].category == NEEDLE_CATEGORY]
     if length not in result.lengths:
         return out
 
@@ -553,6 +879,44 @@ def _settings(method: str, budget: str, chunk_size: int | None, retention: dict)
     return CompressionSettings(method=method, budget=budget, chunk_size=chunk_size, retention=dict(retention))
 
 
+_NUMBER = re.compile(r"\d+")
+
+
+def truncated_number(full_prediction: str, prediction: str) -> bool:
+    """Full KV answered a number (2+ digits) whole and ``prediction`` names a strict part of it instead
+    (a prefix or substring: "123" for "12345") without the whole number."""
+    whole = [n for n in _NUMBER.findall(full_prediction) if len(n) >= 2]
+    parts = _NUMBER.findall(prediction)
+    return any(n not in parts and any(m != n and m in n for m in parts) for n in whole)
+
+
+def can_teacher_force() -> bool:
+    return hasattr(Engine, "teacher_force")
+
+
+TEACHER_FORCE_MISSING = "fidelity not measured: this dynkv's Engine has no teacher_force()"
+
+
+def _fidelity(
+    engine: Engine, doc: CompressedDocument, question: str, ref_ids: list[int], ref_logprobs: list[float] | None
+) -> tuple[list[float], float, float] | None:
+    """Teacher-force ``ref_ids`` (full KV's answer) under ``doc``'s cache: (log-probs, mean gap, agreement).
+
+    ``ref_logprobs`` None: ``doc`` is the full cache itself (the gap is then 0 by definition)."""
+    if not ref_ids or not can_teacher_force():
+        return None
+    tf = engine.teacher_force(doc, question, list(ref_ids))
+    lps = [float(lp) for lp, _ in tf]
+    tops = [int(t) for _, t in tf]
+    ref = lps if ref_logprobs is None else list(ref_logprobs)
+    k = min(len(lps), len(ref), len(ref_ids))
+    if k == 0:
+        return None
+    gap = statistics.fmean(ref[i] - lps[i] for i in range(k))
+    agree = statistics.fmean(float(tops[i] == ref_ids[i]) for i in range(k))
+    return lps, gap, agree
+
+
 def run_one(
     lm: LoadedModel,
     prep: PreparedExample,
@@ -562,17 +926,39 @@ def run_one(
     retention: dict,
     answer_fn: AnswerFn,
     max_new_tokens: int | None = None,
+    *,
+    protocol: str = "aware",
+    reference: Prediction | None = None,
+    model_name: str = "",
 ) -> Prediction:
-    """Compress one prepared example with one method and budget, answer, score."""
+    """Compress one prepared example with one method and budget, answer, score.
+
+    ``protocol``: aware (the question is the probe) or agnostic (the generic probe; the question and the
+    task's answer prefix are seen only when asking). ``reference``: the example's full-KV prediction,
+    whose answer tokens are teacher-forced under this cache for the fidelity score (full KV: its own)."""
     ex = prep.example
     gen = GenerationSettings(max_new_tokens=max_new_tokens or answer_budget(prep))
-    engine = Engine(lm, _settings(method, FULL if method == FULL else budget, chunk_size, retention), gen)
+    if prep.repetition_guard is not None:
+        gen.repetition_guard = dict(prep.repetition_guard)
+    settings = _settings(method, FULL if method == FULL else budget, chunk_size, retention)
+    engine = Engine(lm, settings, gen)
     t0 = time.perf_counter()
-    doc = engine.compress(prep.doc_ids, prep.prompt, question=ex.question)
+    if protocol == "agnostic" and ex.task != SUMMARY:
+        doc = engine.compress(prep.doc_ids, replace(prep.prompt, answer_prefix=""), probe=AGNOSTIC_PROBE)
+        doc.prompt = prep.prompt  # asked with the question and the task's answer prefix
+    elif protocol in PROTOCOLS:
+        doc = engine.compress(prep.doc_ids, prep.prompt, question=ex.question)
+    else:
+        raise UsageError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     kept_evidence = evidence_kept(doc, prep.evidence)
-    text = answer_fn(engine, doc, ex, gen)
+    out = answer_fn(engine, doc, ex, gen)
+    if isinstance(out, str):
+        text, ids, stop = out.strip(), encode(lm.tokenizer, out), ""
+    else:
+        text, ids, stop = out.text.strip(), list(out.token_ids), out.stop_reason
+    seconds = time.perf_counter() - t0
     st = doc.stats
-    return Prediction(
+    p = Prediction(
         task=ex.task,
         length=prep.length,
         example_index=prep.index,
@@ -583,15 +969,70 @@ def run_one(
         doc_tokens=st.doc_tokens,
         prediction=text,
         answer=ex.answer,
-        score=float(score(ex, text)),
+        score=0.0,
         kept_tokens=int(sum(st.kept_per_layer)),
         kept_per_layer=list(st.kept_per_layer),
         bytes=int(st.bytes_used),
         full_kv_bytes=int(st.full_kv_bytes),
         depth=ex.depth,
-        seconds=round(time.perf_counter() - t0, 3),
+        seconds=round(seconds, 3),
         evidence_kept=None if kept_evidence is None else round(kept_evidence, 4),
+        model=model_name or lm.name,
+        protocol=protocol,
+        prompt=prep.style,
+        config=run_config(method, engine.chunk_size, retention),
+        answer_ids=ids,
+        stop_reason=stop,
     )
+    if ex.task == SUMMARY:
+        from .summaries import off_topic, rouge_l
+
+        p.score = rouge_l(ex.answer, text)
+        p.rouge_full = 1.0 if reference is None else rouge_l(reference.prediction, text)
+        p.off_topic = off_topic(text, ex.document)
+    else:
+        p.score = float(score(ex, text, contains=prep.style == "chat"))
+    # fidelity: full KV's answer teacher-forced under this cache (full KV: its own, for its log-probs)
+    ref_ids = ids if reference is None else reference.answer_ids
+    ref_lps = None if reference is None else reference.answer_logprobs
+    if reference is None or ref_lps is not None:
+        fid = _fidelity(engine, doc, ex.question, ref_ids, ref_lps)
+        if fid is not None:
+            lps, gap, agree = fid
+            if reference is None:
+                p.answer_logprobs = [round(x, 5) for x in lps]
+            p.fidelity_gap, p.fidelity_agreement, p.fidelity_tokens = round(gap, 5), round(agree, 4), len(lps)
+    return p
+
+
+def example_for(
+    task: str, length: int, i: int, seed: int, tokenizer, style: str, split: str = REPORTED_SPLIT
+) -> PreparedExample | None:
+    """Example ``i`` of ``task`` at ``length`` (the split's seeded stream; summaries: the multi_news records)."""
+    if task == SUMMARY:
+        from .summaries import summary_example
+
+        return summary_example(tokenizer, length, i, split)
+    ex_seed = suite_seed(split, seed, task, length, i)
+    return prepare(tokenizer, make_example(task, length, ex_seed, tokenizer), i, ex_seed, length, style)
+
+
+def example_seed(task: str, length: int, i: int, seed: int, tokenizer, split: str = REPORTED_SPLIT) -> int | None:
+    """The seed that names example ``i`` in a results file, without building it (None: no such example)."""
+    if task == SUMMARY:
+        from .summaries import summary_record_id
+
+        return summary_record_id(tokenizer, length, i, split)
+    return suite_seed(split, seed, task, length, i)
+
+
+def _wants_fidelity(p: Prediction, reference: Prediction | None) -> bool:
+    """A stored cell without a fidelity score that could have one now."""
+    if p.fidelity_gap is not None or not can_teacher_force():
+        return False
+    if p.method == FULL:
+        return bool(p.answer_ids)
+    return reference is not None and bool(reference.answer_ids) and reference.answer_logprobs is not None
 
 
 def run_quality(
@@ -612,11 +1053,17 @@ def run_quality(
     time_limit: float | None = None,
     model_name: str = "",
     command: str = "",
+    protocols: Sequence[str] = ("aware",),
+    prompt: str = "chat",
+    results: ResultsFile | str | None = None,
 ) -> QualityResult:
-    """Measure every method x budget on the same examples (generated once per task x length, eval split).
+    """Measure every protocol x method x budget on the same examples (generated once per task x length,
+    eval split).
 
-    ``full`` runs once per example and serves every budget. Each document is tokenised once. With
-    ``keep_going`` a method that raises is recorded in ``errors`` and skipped from then on.
+    ``full`` runs once per example and serves every budget and protocol. Each document is tokenised once.
+    With ``keep_going`` a method that raises is recorded in ``errors`` and skipped from then on.
+    ``results`` (a JSON-lines file, :class:`ResultsFile`): every prediction is appended as it is made,
+    cells already there are read instead of run, and the result is built from the file's rows.
 
     Examples run in rounds (example ``i`` of every length x task, then ``i + 1``): the same examples as
     ``make_suite`` gives, in an order that keeps every cell at the same count when ``time_limit`` (seconds)
@@ -624,12 +1071,20 @@ def run_quality(
     """
     if examples < 1:
         raise UsageError(f"--examples must be at least 1 (got {examples})")
+    protocols = list(protocols)
+    for proto in protocols:
+        if proto not in PROTOCOLS:
+            raise UsageError(f"unknown protocol {proto!r}; choose from {', '.join(PROTOCOLS)}")
+    if prompt not in PROMPT_STYLES:
+        raise UsageError(f"unknown prompt style {prompt!r}; choose from {', '.join(PROMPT_STYLES)}")
     retention = parse_method("dynamickv", retention or {}).retention()
     answer_fn = answer_fn or generate_answer
     methods = [m for m in methods if m != FULL]
+    store = ResultsFile(results) if isinstance(results, (str, bytes)) or hasattr(results, "__fspath__") else results
+    name = model_name or lm.name
     chunk = Engine(lm, CompressionSettings(method=FULL, budget=FULL, chunk_size=chunk_size)).chunk_size
     result = QualityResult(
-        model=model_name or lm.name,
+        model=name,
         tasks=list(tasks),
         lengths=list(lengths),
         budgets=list(budgets),
@@ -640,7 +1095,13 @@ def run_quality(
         num_layers=lm.shape.num_layers,
         command=command,
         retention=dict(retention),
+        protocols=protocols,
+        prompt=prompt,
     )
+    if not can_teacher_force():
+        result.notes.append(TEACHER_FORCE_MISSING)
+    if prompt == "chat" and not has_chat_template(lm.tokenizer):
+        result.notes.append("the tokenizer has no chat template: the chat prompt's text was given plainly")
     t0 = time.perf_counter()
     tok = lm.tokenizer
     failed: set[str] = set()
@@ -649,22 +1110,66 @@ def run_quality(
         t_round = time.perf_counter()
         for length in lengths:
             for task in tasks:
-                ex_seed = suite_seed("eval", seed, task, length, i)
-                prep = prepare(tok, make_example(task, length, ex_seed, tok), i, ex_seed, length)
-                runs = [(FULL, FULL)] + [(m, b) for m in methods for b in budgets]
-                for method, budget in runs:
+                ex_seed = example_seed(task, length, i, seed, tok)
+                if ex_seed is None:
+                    continue  # fewer summary records than examples
+                runs = [(FULL, FULL, protocols[0])] + [
+                    (m, b, proto)
+                    for proto in protocols
+                    for m in methods
+                    for b in budgets
+                    if not (task == SUMMARY and proto != protocols[0])  # summaries: one protocol-free cell
+                ]
+
+                def key(method: str, budget: str, proto: str, task=task, length=length, ex_seed=ex_seed) -> tuple:
+                    d = dict(model=name, prompt=prompt, protocol=proto, task=task, length=length, seed=ex_seed)
+                    d.update(method=method, budget=budget, config=run_config(method, chunk, retention))
+                    return cell_key(d)
+
+                prep = None
+                reference: Prediction | None = None
+                for method, budget, proto in runs:
                     if method in failed:
                         continue
-                    try:
-                        p = run_one(lm, prep, method, budget, chunk_size, retention, answer_fn, max_new_tokens)
-                    except Exception as e:  # noqa: BLE001 - one broken method must not sink the benchmark
-                        if method == FULL or not keep_going:
-                            raise
-                        failed.add(method)
-                        result.errors.append(
-                            {"method": method, "budget": budget, "task": task, "length": length, "error": repr(e)}
-                        )
-                        continue
+                    p = store.get(key(method, budget, proto)) if store is not None else None
+                    if p is not None and _wants_fidelity(p, reference):
+                        p = None  # measured before teacher_force existed: run it again, now with fidelity
+                    if p is None:
+                        if prep is None:
+                            prep = example_for(task, length, i, seed, tok, prompt)
+                        try:
+                            p = run_one(
+                                lm,
+                                prep,
+                                method,
+                                budget,
+                                chunk_size,
+                                retention,
+                                answer_fn,
+                                max_new_tokens,
+                                protocol=proto,
+                                reference=reference,
+                                model_name=name,
+                            )
+                        except Exception as e:  # noqa: BLE001 - one broken method must not sink the benchmark
+                            if method == FULL or not keep_going:
+                                raise
+                            failed.add(method)
+                            result.errors.append(
+                                {
+                                    "method": method,
+                                    "budget": budget,
+                                    "task": task,
+                                    "length": length,
+                                    "protocol": proto,
+                                    "error": repr(e),
+                                }
+                            )
+                            continue
+                        if store is not None:
+                            store.add(p)
+                    if method == FULL:
+                        reference = p
                     result.predictions.append(p)
                     if on_prediction:
                         on_prediction(p)
@@ -674,11 +1179,14 @@ def run_quality(
             break
     result.examples = rounds
     result.seconds = time.perf_counter() - t0
+    if store is not None:  # the tables come from the file: its rows for this run's cells
+        wanted = {cell_key(p) for p in result.predictions}
+        result.predictions = [p for p in store.predictions() if cell_key(p) in wanted]
     return result
 
 
-def runs_per_example(methods: Sequence[str], budgets: Sequence[str]) -> int:
-    return 1 + len([m for m in methods if m != FULL]) * len(budgets)
+def runs_per_example(methods: Sequence[str], budgets: Sequence[str], protocols: int = 1) -> int:
+    return 1 + len([m for m in methods if m != FULL]) * len(budgets) * protocols
 
 
 # ----------------------------------------------------------------------------------------------
@@ -833,8 +1341,87 @@ def merge_results(results: list[QualityResult]) -> QualityResult:
     return out
 
 
+def _rows(result: QualityResult):
+    """(method, budget) rows of the summary tables: full KV once, then every method x budget."""
+    yield FULL, result.budgets[0] if result.budgets else FULL
+    for m in result.methods:
+        for b in result.budgets:
+            yield m, b
+
+
+def _summary_header(result: QualityResult) -> list[str]:
+    cols = ["accuracy", "% of full", "log-prob gap", "top-1 agree %", "truncated numbers"]
+    if SUMMARY in result.tasks:
+        cols += ["ROUGE-L ref", "ROUGE-L full", "off topic"]
+    return cols
+
+
+def _summary_cells(result: QualityResult, row: dict) -> list[str]:
+    cells = [
+        _fmt(row["accuracy"]),
+        _fmt(row["pct_of_full"]),
+        _fmt(row["logprob_gap"], 3),
+        _fmt(row["top1_agreement"]),
+        str(row["truncated_numbers"]),
+    ]
+    if SUMMARY in result.tasks:
+        cells += [_fmt(row["rouge_l_reference"]), _fmt(row["rouge_l_full"]), f"{row['off_topic']}/{row['summaries']}"]
+    return cells
+
+
+def title_of(result: QualityResult) -> str:
+    proto = ", ".join(result.protocols)
+    return (
+        f"{result.model}: protocol {proto}, {result.prompt} prompt; {REPORTED_SPLIT} split reported "
+        f"({TUNING_SPLIT} split kept for tuning; nothing here was tuned on {REPORTED_SPLIT})"
+    )
+
+
+def summary_markdown(result: QualityResult) -> list[str]:
+    """Per length: method x budget averaged over tasks (accuracy absolute and % of full KV's average,
+    fidelity, truncated numbers, summaries' ROUGE-L and off-topic counts), then the same per task."""
+    out: list[str] = []
+    st = result.summary_table()
+    head = _summary_header(result)
+    for n in result.lengths:
+        out.append(f"#### {n} tokens: average over tasks ({', '.join(result.tasks)})\n")
+        out.append("| method | budget | " + " | ".join(head) + " |")
+        out.append("|---|---|" + "---:|" * len(head))
+        for m, b in _rows(result):
+            out.append(
+                f"| {m} | {b if m != FULL else '-'} | " + " | ".join(_summary_cells(result, st[str(n)][b][m])) + " |"
+            )
+        out.append("")
+        out.append(f"#### {n} tokens: per task (accuracy % / log-prob gap / top-1 agreement % / truncated)\n")
+        out.append("| method | budget | " + " | ".join(result.tasks) + " |")
+        out.append("|---|---|" + "---:|" * len(result.tasks))
+        for m, b in _rows(result):
+            cells = []
+            for t in result.tasks:
+                f = result.fidelity(n, t, m, b)
+                tr = result.truncations(n, m, b, t) if m != FULL else 0
+                cells.append(
+                    f"{_fmt(result.accuracy(n, t, m, b))} / {_fmt(f['gap'], 3)} / {_fmt(f['agreement'])} / {tr}"
+                )
+            out.append(f"| {m} | {b if m != FULL else '-'} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def markdown_report(result: QualityResult) -> str:
-    """The tables, the layer-budget charts and the targets as Markdown (for docs/quality.md)."""
+    """Per protocol: the summary tables, then the tables, the layer-budget charts and the targets as Markdown."""
+    if len(result.protocols) > 1:
+        return "\n".join(markdown_report(result.for_protocol(p)) for p in result.protocols)
+    out = [f"### {title_of(result)}\n"]
+    out.extend(f"- note: {n}" for n in result.notes)
+    if result.notes:
+        out.append("")
+    out.extend(summary_markdown(result))
+    return "\n".join(out) + "\n" + _markdown_body(result)
+
+
+def _markdown_body(result: QualityResult) -> str:
+    """The accuracy tables, the evidence and layer-budget tables, the charts and the targets."""
     table = result.table()
     cols = [FULL, *result.methods]
     out: list[str] = []
@@ -905,7 +1492,12 @@ def quality_command(
         "-m",
         help="the model (a path or hub id); default: as for every dynkv command (DYNKV_MODEL, the config file, ...)",
     ),
-    tasks: str = typer.Option("all", "--tasks", help="comma-separated task names, or all"),
+    tasks: str = typer.Option(
+        "all",
+        "--tasks",
+        help="comma-separated task names (passkey, multikey, multivalue, multiquery, vartrack, aggregate, start, "
+        "end or their niah_* names; summary: LongBench multi_news summaries), or all (the RULER tasks)",
+    ),
     lengths: str = typer.Option("4k,8k", "--lengths", help="comma-separated lengths in tokens: 512, 4k, 8k"),
     budgets: str = typer.Option(
         ",".join(DEFAULT_BUDGETS), "--budgets", help="comma-separated budgets: 0.9%, 1.7%, 6.9% or tokens (128)"
@@ -932,6 +1524,27 @@ def quality_command(
     from_json: list[str] | None = typer.Option(
         None, "--from-json", help="render saved results (repeat to merge lengths) instead of running a model"
     ),
+    protocol: str = typer.Option(
+        "aware",
+        "--protocol",
+        help="aware: the question is the probe (one compression per question); agnostic: one compression with "
+        "the qa profile's generic probe, then the question (as questions: shared and .dkv files); both",
+    ),
+    prompt: str = typer.Option(
+        "chat",
+        "--prompt",
+        help="chat: the model's chat template with the qa profile's system and user text; plain: "
+        "'<document>\\n<question>\\nAnswer:' (toy models)",
+    ),
+    results_file: str | None = typer.Option(
+        None,
+        "--results",
+        help="a JSON-lines file: one line per prediction, appended as it is made; a rerun skips the cells "
+        "already there (full KV included) and the tables are built from the file",
+    ),
+    from_results: list[str] | None = typer.Option(
+        None, "--from-results", help="render every model and protocol of results files instead of running"
+    ),
 ) -> None:
     """Accuracy against budget for every method, on the same seeded examples (full KV is the reference)."""
     import json
@@ -953,6 +1566,14 @@ def quality_command(
         if from_json:
             result = merge_results([QualityResult.from_dict(json.loads(Path(f).read_text())) for f in from_json])
             return _render(result, console, err, json_out, markdown)
+        if from_results:
+            rows = [p for f in from_results for p in ResultsFile(f).predictions()]
+            if not rows:
+                raise UsageError(f"no predictions in {', '.join(from_results)}")
+            return _render(results_from_rows(rows), console, err, json_out, markdown)
+        protocol_list = resolve_protocols(protocol)
+        if prompt not in PROMPT_STYLES:
+            raise UsageError(f"--prompt must be chat or plain, not {prompt!r}")
         if threads:
             torch.set_num_threads(threads)
         task_list = resolve_tasks(tasks)
@@ -965,7 +1586,12 @@ def quality_command(
         retention = parse_method("dynamickv", {k: v for k, v in given.items() if v is not None}).retention()
         model = resolve_model(model)
         lm = load_model(model, device=device, dtype=dtype)
-        total = len(length_list) * len(task_list) * examples * runs_per_example(method_list, budget_list)
+        total = (
+            len(length_list)
+            * len(task_list)
+            * examples
+            * runs_per_example(method_list, budget_list, len(protocol_list))
+        )
         argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name.startswith("dynkv") else []
         command = "dynkv " + shlex.join(argv) if argv else ""
         with Progress(
@@ -981,9 +1607,13 @@ def quality_command(
             def tick(p: Prediction) -> None:
                 progress.update(bar, advance=1, description=f"{p.length} {p.task} #{p.example_index} {p.method}")
                 if not err.is_terminal:  # a log line per prediction when the output is a file
+                    fid = (
+                        "" if p.fidelity_gap is None else f" gap {p.fidelity_gap:.3f} agree {p.fidelity_agreement:.2f}"
+                    )
                     err.print(
-                        f"{p.length} {p.task} #{p.example_index} {p.method} {p.budget}: {p.prediction!r} "
-                        f"score {p.score:.2f} ({p.seconds:.1f}s)",
+                        f"{p.length} {p.task} #{p.example_index} {p.protocol} {p.method} {p.budget}: "
+                        f"{p.prediction[:120]!r} score {p.score:.2f}{fid} "
+                        + ("(from the results file)" if p.reused else f"({p.seconds:.1f}s)"),
                         highlight=False,
                         markup=False,
                     )
@@ -1002,6 +1632,9 @@ def quality_command(
                 time_limit=time_limit * 60 if time_limit else None,
                 model_name=model,
                 command=command,
+                protocols=protocol_list,
+                prompt=prompt,
+                results=results_file,
             )
     except DynkvError as e:
         err.print(f"[red]error:[/red] {e}")
@@ -1009,10 +1642,106 @@ def quality_command(
     _render(result, console, err, json_out, markdown)
 
 
-def _render(result: QualityResult, console, err, json_out: str | None, markdown: str | None) -> None:
+def summary_tables(result: QualityResult) -> list:
+    """Rich tables of :meth:`QualityResult.summary_table`: one per length, rows = method x budget."""
+    from rich.table import Table
+
+    out = []
+    st = result.summary_table()
+    head = _summary_header(result)
+    for n in result.lengths:
+        t = Table(title=f"{title_of(result)}\naverage over tasks at {n} tokens", title_justify="left")
+        t.add_column("method")
+        t.add_column("budget")
+        for h in head:
+            t.add_column(h, justify="right")
+        for m, b in _rows(result):
+            t.add_row(m, b if m != FULL else "-", *_summary_cells(result, st[str(n)][b][m]))
+        out.append(t)
+    return out
+
+
+def results_from_rows(rows: list[Prediction], command: str = "") -> list[QualityResult]:
+    """Results (one per model x prompt style) rebuilt from a results file's predictions, to render them."""
+    groups: dict[tuple[str, str], list[Prediction]] = {}
+    for p in rows:
+        groups.setdefault((p.model, p.prompt), []).append(p)
+    out = []
+    for (model, prompt), ps in groups.items():
+        order = {t: i for i, t in enumerate([*TASKS, SUMMARY])}
+        tasks = sorted(dict.fromkeys(p.task for p in ps), key=lambda t: order.get(t, len(order)))
+        comp = [p for p in ps if p.method != FULL]
+        retention: dict = {}
+        chunk = 0
+        if comp and comp[0].config.startswith("chunk="):
+            import json
+
+            head, _, body = comp[0].config.partition(" ")
+            chunk = int(head.removeprefix("chunk=") or 0)
+            retention = json.loads(body or "{}")
+        protos = list(dict.fromkeys(p.protocol for p in comp if not shared_cell(p.method, p.task))) or ["aware"]
+        r = QualityResult(
+            model=model,
+            tasks=tasks,
+            lengths=sorted({p.length for p in ps}),
+            budgets=list(dict.fromkeys(p.budget for p in comp)),
+            methods=list(dict.fromkeys(p.method for p in comp)),
+            examples=max(p.example_index for p in ps) + 1,
+            seed=0,
+            chunk_size=chunk,
+            num_layers=len(ps[0].kept_per_layer),
+            command=command,
+            retention=retention,
+            predictions=ps,
+            protocols=[x for x in PROTOCOLS if x in protos],
+            prompt=prompt,
+        )
+        if any(p.method == FULL and p.fidelity_gap is None and p.answer_ids for p in ps):
+            r.notes.append(TEACHER_FORCE_MISSING + " (for some cells)")
+        out.append(r)
+    return out
+
+
+def _render(
+    result: QualityResult | list[QualityResult], console, err, json_out: str | None, markdown: str | None
+) -> None:
     import json
     from pathlib import Path
 
+    results = result if isinstance(result, list) else [result]
+    for r in results:
+        for proto in r.protocols:
+            pr = r.for_protocol(proto) if len(r.protocols) > 1 else r
+            _render_console(pr, console)
+        for e in r.errors:
+            err.print(
+                f"[yellow]{e['method']} failed[/yellow] ({e['task']}, {e['length']}, {e['budget']}, "
+                f"{e.get('protocol', 'aware')}): {e['error']}"
+            )
+            err.print("  its later runs were skipped; its cells show '-'", highlight=False)
+        for n in r.notes:
+            err.print(f"note: {n}", highlight=False, markup=False)
+        console.print(f"{len(r.predictions)} predictions in {r.seconds:.0f}s", highlight=False)
+    if json_out:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = results[0].to_dict() if len(results) == 1 else {"models": [r.to_dict() for r in results]}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        console.print(f"wrote {path}", highlight=False)
+    if markdown:
+        path = Path(markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(results) == 1:
+            text = markdown_report(results[0])
+        else:
+            text = "\n".join(f"## {r.model}\n\n" + markdown_report(r) for r in results)
+        path.write_text(text)
+        console.print(f"wrote {path}", highlight=False)
+
+
+def _render_console(result: QualityResult, console) -> None:
+    for t in summary_tables(result):
+        console.print(t)
     for t in accuracy_tables(result):
         console.print(t)
     for t in evidence_tables(result):
@@ -1024,17 +1753,3 @@ def _render(result: QualityResult, console, err, json_out: str | None, markdown:
     for n in result.lengths:
         for line in target_lines(result, n):
             console.print(line, highlight=False, markup=False)
-    for e in result.errors:
-        err.print(f"[yellow]{e['method']} failed[/yellow] ({e['task']}, {e['length']}, {e['budget']}): {e['error']}")
-        err.print("  its later runs were skipped; its cells show '-'", highlight=False)
-    console.print(f"{len(result.predictions)} predictions in {result.seconds:.0f}s", highlight=False)
-    if json_out:
-        path = Path(json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-        console.print(f"wrote {path}", highlight=False)
-    if markdown:
-        path = Path(markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(markdown_report(result))
-        console.print(f"wrote {path}", highlight=False)

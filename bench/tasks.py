@@ -11,7 +11,9 @@ The same ``(task, n_tokens, seed)`` always gives the same example. Evaluation ex
 their own seed stream (:func:`suite_seed`), disjoint from the ``"train"`` stream of examples for
 tuning or fitting anything on the suite.
 
-Prompt format (plain text, no chat template), see :func:`format_prompt`::
+Plain prompt format (no chat template, for toy models), see :func:`format_prompt`; real instruction
+models are asked through their chat template instead, with the qa profile's system and user text
+(``CHAT_SYSTEM``, ``CHAT_BEFORE``, ``CHAT_AFTER``; built in ``quality.chat_prompt``)::
 
     <document>\\n<question>\\nAnswer: <answer><eos>
 
@@ -45,6 +47,10 @@ __all__ = [
     "score",
     "suffix_text",
     "suite_seed",
+    "TASK_ALIASES",
+    "CHAT_SYSTEM",
+    "CHAT_BEFORE",
+    "CHAT_AFTER",
 ]
 
 
@@ -370,6 +376,25 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+#: Short names for the tasks (``--tasks passkey,vartrack``), each the task it names.
+TASK_ALIASES: dict[str, str] = {
+    "passkey": "niah_single",
+    "multikey": "niah_multikey",
+    "multivalue": "niah_multivalue",
+    "multiquery": "niah_multiquery",
+    "vartrack": "vt",
+    "aggregate": "aggregation",
+    "start": "fact_start",
+    "end": "fact_end",
+}
+
+# The chat prompt of real instruction models: the qa profile's (profiles/qa.yaml), the document in the
+# user turn and the question after it; the task's answer prefix (RULER's) opens the assistant turn.
+CHAT_SYSTEM = "You answer questions about a document using only the document."
+CHAT_BEFORE = "Document:\n"
+CHAT_AFTER = "\n\nAnswer the question briefly, using the document above.\nQuestion: {question}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Examples
 
@@ -436,8 +461,9 @@ def _bisect(cum: list[int], target: float) -> int:
 def suite_seed(split: str, seed: int, task: str, n_tokens: int, index: int) -> int:
     """Example seed for a split ("eval", or "train" for examples to tune or fit on). Eval seeds have
     bit 62 set, train seeds never: the two streams cannot collide."""
+    split = "train" if split == "tune" else split  # the tuning split goes by both names
     if split not in ("eval", "train"):
-        raise ValueError(f"split must be 'eval' or 'train', not {split!r}")
+        raise ValueError(f"split must be 'eval' or 'train' ('tune'), not {split!r}")
     h = hashlib.sha256(f"{split}|{seed}|{task}|{n_tokens}|{index}".encode()).digest()
     x = int.from_bytes(h[:8], "big") & ((1 << 62) - 1)
     return x | (1 << 62) if split == "eval" else x
@@ -470,11 +496,17 @@ def _norm(s: str) -> str:
     return " ".join(_WORD.findall(s))
 
 
-def score(example: Example, prediction: str) -> float:
+def score(example: Example, prediction: str, contains: bool = False) -> float:
     """Exact match (normalised spacing/punctuation) for single answers; for multi-answer tasks the
-    fraction of required items found as whole words in the prediction."""
-    pred = prediction.split("\n")[0]
+    fraction of required items found as whole words in the prediction. Both read the first line.
+
+    ``contains`` (chat prompts: an instruction model answers in a sentence, "The pass key is 12345."):
+    the whole prediction is read and a single answer counts when it occurs in it as whole words
+    (RULER's string match)."""
+    pred = prediction if contains else prediction.split("\n")[0]
     if not TASKS[example.task].multi:
+        if contains:
+            return float(_contains(_norm(pred).split(), _norm(example.answer).split()))
         return float(_norm(pred) == _norm(example.answer))
     words = _norm(pred).split()
     found = sum(1 for a in example.answers if _contains(words, a.split()))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from dynkv_bench import quality as Q
-from dynkv_bench.tasks import format_prompt, make_example, make_suite, score
 from tiny import make_model
 
+from dynkv_bench import quality as Q
+from dynkv_bench.tasks import format_prompt, make_example, make_suite, score
 from dynkv_cli import load_model
 
 LENGTH = 512
@@ -61,7 +61,7 @@ def test_ids_equal_the_plain_encoding(lm):
     for tok in (lm.tokenizer, _with_bos(make_tokenizer())):  # without and with a BOS post-processor
         for task in ("niah_single", "vt"):
             ex = make_example(task, 300, 5, tok)
-            prep = Q.prepare(tok, ex, 0, 5, 300)
+            prep = Q.prepare(tok, ex, 0, 5, 300, "plain")
             doc, suffix = format_prompt(ex)
             plain = tok(doc)["input_ids"] + tok(suffix, add_special_tokens=False)["input_ids"]
             assert prep.prefix_ids + prep.doc_ids + prep.suffix_ids == plain == Q.reference_ids(tok, ex)
@@ -178,8 +178,9 @@ def test_words():
 
 def test_command_end_to_end(model_path, tmp_path):
     import typer
-    from dynkv_bench.cli import bench_app
     from typer.testing import CliRunner
+
+    from dynkv_bench.cli import bench_app
 
     root = typer.Typer()
     root.add_typer(bench_app, name="bench")
@@ -303,3 +304,222 @@ def test_targets_are_not_measurable_when_full_kv_fails():
     assert [t["met"] for t in ts] == [None, None, None] and all("does not solve" in t["note"] for t in ts)
     assert ts[2]["met_as_computed"] is True
     assert all("not measurable" in line for line in Q.target_lines(r, 8192))
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-model prompts, fidelity, protocols, results files, summaries, truncated numbers
+
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+needs_teacher_force = pytest.mark.skipif(
+    not hasattr(Q.Engine, "teacher_force"),
+    reason="Engine.teacher_force(doc, question, answer_ids) is not in dynkv_cli/engine.py yet: no fidelity score",
+)
+
+
+def test_chat_prompt_uses_the_template_when_the_tokenizer_has_one():
+    """The qa profile's system and user text through the chat template; the answer prefix opens the
+    assistant turn; without a template the same text is given plainly."""
+    from dynkv_cli.profiles import load_profile
+    from tiny import make_tokenizer
+
+    qa = load_profile("qa")
+    assert (Q.CHAT_SYSTEM, Q.CHAT_BEFORE, Q.CHAT_AFTER) == (
+        qa.prompt.system,
+        qa.prompt.before_document,
+        qa.prompt.after_document,
+    )
+    assert Q.AGNOSTIC_PROBE == qa.probe
+    tok = make_tokenizer()
+    ex = make_example("niah_multikey", 300, 3, tok)
+    plain = Q.prepare(tok, ex, 0, 3, 300)  # no template: the chat prompt's text, plainly
+    assert not plain.chat_template and tok.decode(plain.prefix_ids).startswith(Q.CHAT_SYSTEM)
+    tok.chat_template = CHAT
+    prep = Q.prepare(tok, ex, 0, 3, 300)
+    assert prep.style == "chat" and prep.chat_template
+    prefix, suffix = tok.decode(prep.prefix_ids), tok.decode(prep.suffix_ids)
+    assert prefix.startswith(f"<|system|>{Q.CHAT_SYSTEM}</s><|user|>Document:")
+    assert suffix.endswith(f"Question: {ex.question}</s><|assistant|>{ex.prefix}")
+    assert prep.doc_ids == tok(ex.document, add_special_tokens=False)["input_ids"]
+    # a sentence around the answer scores with the chat prompt (RULER's string match), not with the plain one
+    said = f"The special magic number is {ex.answer}."
+    assert score(ex, said, contains=True) == 1.0 and score(ex, said) == 0.0
+    assert Q.answer_budget(prep) > Q.answer_budget(Q.prepare(tok, ex, 0, 3, 300, "plain"))
+
+
+class _Calls:
+    """Counts Engine.compress / ask / teacher_force calls and records compress's question and probe."""
+
+    def __init__(self, monkeypatch):
+        self.compress, self.ask, self.forced = [], 0, 0
+        real_compress, real_ask = Q.Engine.compress, Q.Engine.ask
+
+        def compress(engine, document, prompt=None, **kw):
+            self.compress.append((engine.settings.method, kw.get("question"), kw.get("probe")))
+            return real_compress(engine, document, prompt, **kw)
+
+        def ask(engine, *a, **kw):
+            self.ask += 1
+            return real_ask(engine, *a, **kw)
+
+        monkeypatch.setattr(Q.Engine, "compress", compress)
+        monkeypatch.setattr(Q.Engine, "ask", ask)
+        if hasattr(Q.Engine, "teacher_force"):
+            real_tf = Q.Engine.teacher_force
+
+            def tf(engine, *a, **kw):
+                self.forced += 1
+                return real_tf(engine, *a, **kw)
+
+            monkeypatch.setattr(Q.Engine, "teacher_force", tf)
+
+    def reset(self):
+        self.compress, self.ask, self.forced = [], 0, 0
+
+
+@needs_teacher_force
+def test_fidelity_of_full_against_itself_is_exact(lm):
+    """Full KV's answer under full KV: gap 0, agreement 1; a budget that keeps everything gives the same."""
+    res = Q.run_quality(
+        lm,
+        tasks=["niah_single"],
+        lengths=[256],
+        budgets=["100%", "8"],
+        methods=["snapkv"],
+        examples=1,
+        chunk_size=128,
+        max_new_tokens=6,
+    )
+    full = next(p for p in res.predictions if p.method == Q.FULL)
+    keep = next(p for p in res.predictions if p.budget == "100%")
+    tight = next(p for p in res.predictions if p.budget == "8")
+    assert full.answer_ids and len(full.answer_logprobs) == len(full.answer_ids) == full.fidelity_tokens
+    assert full.fidelity_gap == 0.0 and full.fidelity_agreement == 1.0
+    assert keep.fidelity_gap == pytest.approx(0.0, abs=1e-3) and keep.fidelity_agreement == 1.0
+    assert tight.fidelity_tokens == len(full.answer_ids) and tight.fidelity_gap is not None
+    row = res.summary_table()["256"]["100%"]
+    assert row["full"]["top1_agreement"] == 100.0 and row["snapkv"]["logprob_gap"] == pytest.approx(0.0, abs=1e-3)
+    assert "log-prob gap" in Q.markdown_report(res)
+
+
+def test_results_file_resumes_and_reuses_full_kv(lm, tmp_path, monkeypatch):
+    """A second run with the same file computes nothing; a new budget reuses the stored full-KV runs."""
+    calls = _Calls(monkeypatch)
+    path = tmp_path / "r.jsonl"
+    kw = dict(tasks=["fact_end", "niah_single"], lengths=[256], methods=["streamingllm"], examples=2, chunk_size=128)
+    first = Q.run_quality(lm, budgets=["10%"], results=str(path), max_new_tokens=4, **kw)
+    assert len(calls.compress) == 2 * 2 * 2 and len(path.read_text().splitlines()) == 8
+    calls.reset()
+    again = Q.run_quality(lm, budgets=["10%"], results=str(path), max_new_tokens=4, **kw)
+    assert (calls.compress, calls.ask, calls.forced) == ([], 0, 0)
+    assert all(p.reused for p in again.predictions) and again.table() == first.table()
+    assert [Q.cell_key(p) for p in again.predictions] == [Q.cell_key(p) for p in first.predictions]
+    calls.reset()
+    more = Q.run_quality(lm, budgets=["10%", "16"], results=str(path), max_new_tokens=4, **kw)
+    assert [m for m, _, _ in calls.compress] == ["streamingllm"] * 4  # only the new cells; full KV from the file
+    assert len(more.predictions) == 2 * 2 * 3 and len(path.read_text().splitlines()) == 12
+    # another model's or another protocol's cells are not these
+    assert {Q.cell_key(p)[0] for p in more.predictions} == {lm.name}
+    # the tables are built from the file, and render from it alone
+    (r,) = Q.results_from_rows(Q.ResultsFile(path).predictions())
+    assert r.table() == more.table() and r.budgets == ["10%", "16"] and r.methods == ["streamingllm"]
+    # a torn last line (a killed run) is ignored
+    with path.open("a") as f:
+        f.write('{"task": "fact_end", "len')
+    assert len(Q.ResultsFile(path).rows) == 12
+
+
+def test_agnostic_compresses_once_per_example_with_the_generic_probe(lm, monkeypatch):
+    calls = _Calls(monkeypatch)
+    res = Q.run_quality(
+        lm,
+        tasks=["niah_multikey"],
+        lengths=[256],
+        budgets=["10%"],
+        methods=["snapkv"],
+        examples=2,
+        chunk_size=128,
+        protocols=["aware", "agnostic"],
+        max_new_tokens=4,
+    )
+    comp = [c for c in calls.compress if c[0] != "full"]
+    full = [c for c in calls.compress if c[0] == "full"]
+    assert len(full) == 2  # once per example, for both protocols
+    agnostic = [c for c in comp if c[2] == Q.AGNOSTIC_PROBE]
+    aware = [c for c in comp if c[2] is None]
+    assert len(agnostic) == 2 and all(q is None for _, q, _ in agnostic)  # one compression per example
+    assert len(aware) == 2 and all(q for _, q, _ in aware)
+    assert {p.protocol for p in res.predictions if p.method != "full"} == {"aware", "agnostic"}
+    for proto in ("aware", "agnostic"):
+        sub = res.for_protocol(proto)
+        assert {p.method for p in sub.predictions} == {"full", "snapkv"} and len(sub.predictions) == 4
+    d = res.to_dict()
+    assert set(d["by_protocol"]) == {"aware", "agnostic"} and d["splits"]["reported"] == "eval"
+    md = Q.markdown_report(res)
+    assert "protocol aware" in md and "protocol agnostic" in md and "tune split kept for tuning" in md
+
+
+def test_truncated_numbers():
+    assert Q.truncated_number("The pass key is 48213.", "The pass key is 482.")
+    assert Q.truncated_number("48213", "it is 8213")
+    assert not Q.truncated_number("48213", "48213")
+    assert not Q.truncated_number("48213", "48213 and 482")  # the whole number is there
+    assert not Q.truncated_number("48213", "99999")  # another number, not a part of it
+    assert not Q.truncated_number("no number", "482")
+    r = Q.QualityResult("m", ["niah_single"], [512], ["1%"], ["snapkv"], 1, 0, 128, 6)
+    full, cut = _fake("niah_single", "full", "full", 1.0, 512), _fake("niah_single", "snapkv", "1%", 0.0, 512)
+    full.prediction, cut.prediction = "12345", "123"
+    r.predictions += [full, cut]
+    assert (
+        r.truncations(512, "snapkv", "1%") == 1 and r.summary_table()["512"]["1%"]["snapkv"]["truncated_numbers"] == 1
+    )
+
+
+def test_rouge_l_and_off_topic():
+    from dynkv_bench.summaries import named_entities, off_topic, rouge_l
+
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(0.8333, abs=1e-4)
+    assert rouge_l("", "anything") is None
+    doc = "Hurricane Katrina hit New Orleans on Monday. Officials in Louisiana said the levees broke."
+    assert named_entities(doc) == {"Katrina", "Orleans", "Monday", "Louisiana"}  # not Hurricane, Officials
+    assert not off_topic("Katrina flooded the city.", doc)  # a sentence start counts in the summary
+    assert not off_topic("The storm hit Louisiana hard.", doc)
+    assert off_topic("The storm hit the city hard.", doc)  # no named entity at all
+    assert off_topic("Apple released a new iPhone in California.", doc)  # entities, but not the document's
+
+
+def test_summary_task_scores_rouge_and_off_topic(lm, tmp_path, monkeypatch):
+    from dynkv_bench import summaries as S
+
+    words = "Mayor Nutter met protesters of Occupy Philadelphia near City Hall and the police waited. "
+    recs = [{"context": words * 60, "answers": ["Occupy Philadelphia protesters stayed at City Hall."]}] * 2
+    path = tmp_path / "multi_news.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    monkeypatch.setenv("DYNKV_MULTI_NEWS", str(path))
+    S.records.cache_clear()
+    S._SELECTED.clear()
+    try:
+        res = Q.run_quality(
+            lm,
+            tasks=["summary"],
+            lengths=[256],
+            budgets=["10%"],
+            methods=["snapkv"],
+            examples=1,
+            chunk_size=128,
+            max_new_tokens=8,
+            protocols=["aware", "agnostic"],
+        )
+    finally:
+        S.records.cache_clear()
+        S._SELECTED.clear()
+    assert len(res.predictions) == 2  # full and snapkv: summaries are one protocol-free cell
+    full, comp = res.predictions
+    assert full.seed == 0 and full.doc_tokens <= 256 and full.rouge_full == 1.0
+    assert comp.rouge_full is not None and comp.off_topic is not None and 0.0 <= comp.score <= 1.0
+    row = res.summary_table()["256"]["10%"]["snapkv"]
+    assert row["summaries"] == 1 and row["off_topic"] in (0, 1) and "rouge_l_full" in row

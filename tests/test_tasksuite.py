@@ -199,3 +199,25 @@ def test_needle_words_and_numbers_never_occur_in_the_real_text():
                 needles = re.findall(r"The marked word is (\w+)\.", ex.document)
                 for w in set(needles):
                     assert len(re.findall(rf"\b{w}\b", ex.document)) == needles.count(w)
+
+
+def test_short_task_names_and_the_tune_split():
+    from dynkv_bench.quality import resolve_tasks
+
+    assert set(T.TASK_ALIASES.values()) == set(TASKS)
+    assert resolve_tasks("passkey,vartrack,end,summary") == ["niah_single", "vt", "fact_end", "summary"]
+    assert T.suite_seed("tune", 0, "vt", 512, 3) == T.suite_seed("train", 0, "vt", 512, 3)
+    assert T.suite_seed("tune", 0, "vt", 512, 3) != T.suite_seed("eval", 0, "vt", 512, 3)
+    with pytest.raises(ValueError):
+        T.suite_seed("test", 0, "vt", 512, 3)
+
+
+def test_chat_answers_score_by_string_match():
+    """With a chat prompt an instruction model answers in a sentence: the answer must occur in it as whole words."""
+    ex = make_example("niah_single", 300, 1)
+    assert score(ex, f"The pass key is {ex.answer}.", contains=True) == 1.0
+    assert score(ex, f"Sure.\nThe pass key is {ex.answer}.", contains=True) == 1.0  # any line
+    assert score(ex, f"The pass key is {ex.answer}1.", contains=True) == 0.0  # not a whole number
+    assert score(ex, f"The pass key is {ex.answer}.") == 0.0  # plain prompts: exact match
+    vt = make_example("vt", 300, 1)
+    assert score(vt, "Variables: " + ", ".join(vt.answers[:2]), contains=True) == pytest.approx(0.5)
