@@ -36,6 +36,7 @@ from .methods import Method, parse_method
 from .methods.base import Candidates
 from .model import LoadedModel, rotate_keys
 from .prompt import TaskPrompt, encode, prompt_ids
+from .spans import candidate_spans, span_starts
 
 DEFAULT_PROBE = "Answer questions about the document above."
 #: Positions kept free after the document for a question and its prompt (besides max_new_tokens).
@@ -185,6 +186,19 @@ def _release_host_memory() -> None:
         trim(0)
 
 
+def _observers(method: Method, n_probe: int, pinned: int) -> int:
+    """How many queries at the end of a pass observe: the probe (or its last ``probe_window`` tokens),
+    else the pinned tail window."""
+    if not n_probe:
+        return max(1, pinned)
+    k = int(getattr(method.settings, "probe_window", 0) or 0) if hasattr(method, "settings") else 0
+    inner = getattr(method, "inner", None)
+    while k == 0 and inner is not None:
+        k = int(getattr(inner.settings, "probe_window", 0) or 0)
+        inner = getattr(inner, "inner", None)
+    return min(n_probe, k) if k else n_probe
+
+
 @functools.cache
 def _cache_keyword_of(cls: type) -> str:
     """``cache`` where the model's forward takes it (transformers >= 5.24), else ``past_key_values``."""
@@ -233,6 +247,7 @@ class _Pass:
         pin_from: int | None,
         n_obs: int,
         sync: bool = False,
+        span_starts: torch.Tensor | None = None,
     ):
         """``pin_from``: the position from which chunk entries stay whatever their score (None: none);
         ``n_obs``: the observing queries at the end of the pass (probe or tail window); ``sync``:
@@ -240,6 +255,7 @@ class _Pass:
         self.cache, self.method = cache, method
         self.n_chunk, self.n_probe, self.pin_from, self.n_obs = n_chunk, n_probe, pin_from, n_obs
         self.sync = sync
+        self.span_starts = span_starts  # [n_chunk] bool: where the chunk's spans begin (None: no spans)
         self.score_seconds = 0.0
 
     def _pinned(self, positions: torch.Tensor) -> torch.Tensor:
@@ -275,6 +291,7 @@ class _Pass:
             self.n_chunk,
             group.keys[:, P:end],
             group.values[:, P:end],
+            candidate_spans(group.positions[:, P:end], group.scores[:, P:end], self.span_starts),
         )
         return method.score(c)
 
@@ -443,6 +460,13 @@ class Engine:
         if budget_tokens is None:
             spec = parse_method("full")
         return spec.create(budget_tokens or 0, shape.num_layers, shape.num_kv_heads)
+
+    def _span_starts(self, method: Method, chunk: list[int]) -> torch.Tensor | None:
+        """Where the chunk's spans begin, for a method that keeps spans whole (None otherwise)."""
+        mode = method.span_mode
+        if mode == "none":
+            return None
+        return torch.tensor(span_starts(self.lm.tokenizer, chunk, mode), device=self.lm.device)
 
     def _capacity(self, method: Method, total: int | None, prefix: list[int], probe: list[int]) -> int | None:
         """Entries per KV head a layer may hold while a chunk is read: what the cache preallocates.
@@ -639,8 +663,9 @@ class Engine:
                     n_chunk=len(chunk),
                     n_probe=len(probe_ids),
                     pin_from=cache.next_pos + len(chunk) - pw if pw else None,
-                    n_obs=len(probe_ids) if probe_ids else max(1, pw),
+                    n_obs=_observers(method, len(probe_ids), pw),
                     sync=self.sync_timing,
+                    span_starts=self._span_starts(method, chunk),
                 )
                 self._forward(chunk + probe_ids, cache, state)
                 cache.next_pos += len(chunk)

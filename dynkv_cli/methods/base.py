@@ -27,6 +27,7 @@ import torch
 
 from ..errors import UsageError
 from ..kernels import pool_scores
+from ..spans import SPANS, span_max
 
 POOLINGS = ("max", "avg", "none")
 OBSERVATIONS = ("probe", "tail")
@@ -49,12 +50,18 @@ class ObservedSettings:
     window: the tail window ``w`` (with ``observation: tail``).
     pooling / kernel: scores pooled over neighbours in the original document (``max``, ``avg``, ``none``;
         an odd kernel), so a kept token brings its neighbours.
+    span: ``none``, ``digits`` or ``word``: the chunk's tokens of one number (or one word) share the
+        highest pooled score among them, so they are kept or dropped together (:mod:`dynkv_cli.spans`).
+    probe_window: with a probe, only its last ``probe_window`` tokens observe (0: all of them). The
+        last tokens sit where the answer begins (the chat template's assistant turn).
     """
 
     observation: str = "probe"
     window: int = 8
     pooling: str = "max"
     kernel: int = 7
+    span: str = "none"
+    probe_window: int = 0
 
     def validate(self):
         if self.pooling not in POOLINGS:
@@ -65,6 +72,10 @@ class ObservedSettings:
             raise UsageError(f"window must be at least 1 (got {self.window})")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise UsageError(f"pooling kernel must be an odd number >= 1 (got {self.kernel})")
+        if self.probe_window < 0:
+            raise UsageError(f"probe_window must be >= 0 (got {self.probe_window})")
+        if self.span not in SPANS:
+            raise UsageError(f"span {self.span!r} is not one of {', '.join(SPANS)}")
         return self
 
 
@@ -76,6 +87,7 @@ class Candidates:
     positions: ``[G, n]`` original positions, ascending per head.
     previous: ``[G, n]`` the scores stored with the entries (zeros for the ``n_new`` new ones, last).
     keys, values: ``[G, n, d]`` the candidates' keys (after RoPE) and values.
+    spans: ``[G, n]`` span ids (entries of one span share a score, :mod:`dynkv_cli.spans`), or None.
     """
 
     layer_idx: int
@@ -85,6 +97,7 @@ class Candidates:
     n_new: int
     keys: torch.Tensor
     values: torch.Tensor
+    spans: torch.Tensor | None = None
 
 
 class Method:
@@ -117,9 +130,18 @@ class Method:
     def score(self, c: Candidates) -> torch.Tensor:
         """Scores ``[G, n]`` fp32 of the candidates of one layer; higher = more worth keeping.
 
-        Default: the observation attention pooled over neighbours in the original document.
+        Default: the observation attention pooled over neighbours in the original document, then
+        shared within spans when the settings ask for it.
         """
-        return pool_scores(c.attention, c.positions, self.settings.kernel, self.settings.pooling)
+        scores = pool_scores(c.attention, c.positions, self.settings.kernel, self.settings.pooling)
+        if c.spans is not None and self.settings.span != "none":
+            scores = span_max(scores, c.spans)
+        return scores
+
+    @property
+    def span_mode(self) -> str:
+        """How the engine should mark the chunk's spans for :meth:`score` (``none``: it need not)."""
+        return getattr(self.settings, "span", "none")
 
     def capacity(self, layer_idx: int) -> int:
         """Entries per KV head the layer keeps right after scoring (pinned window included)."""
@@ -172,6 +194,10 @@ class Wrapper(Method):
     @property
     def pinned_window(self) -> int:
         return self.inner.pinned_window
+
+    @property
+    def span_mode(self) -> str:
+        return self.inner.span_mode
 
     def score(self, c: Candidates) -> torch.Tensor:
         return self.inner.score(c)
