@@ -191,11 +191,7 @@ def _observers(method: Method, n_probe: int, pinned: int) -> int:
     else the pinned tail window."""
     if not n_probe:
         return max(1, pinned)
-    k = int(getattr(method.settings, "probe_window", 0) or 0) if hasattr(method, "settings") else 0
-    inner = getattr(method, "inner", None)
-    while k == 0 and inner is not None:
-        k = int(getattr(inner.settings, "probe_window", 0) or 0)
-        inner = getattr(inner, "inner", None)
+    k = method.probe_window
     return min(n_probe, k) if k else n_probe
 
 

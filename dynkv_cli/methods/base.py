@@ -143,6 +143,11 @@ class Method:
         """How the engine should mark the chunk's spans for :meth:`score` (``none``: it need not)."""
         return getattr(self.settings, "span", "none")
 
+    @property
+    def probe_window(self) -> int:
+        """How many of the probe's last tokens observe (0: all)."""
+        return getattr(self.settings, "probe_window", 0)
+
     def capacity(self, layer_idx: int) -> int:
         """Entries per KV head the layer keeps right after scoring (pinned window included)."""
         return self.budget
@@ -198,6 +203,10 @@ class Wrapper(Method):
     @property
     def span_mode(self) -> str:
         return self.inner.span_mode
+
+    @property
+    def probe_window(self) -> int:
+        return self.inner.probe_window
 
     def score(self, c: Candidates) -> torch.Tensor:
         return self.inner.score(c)
