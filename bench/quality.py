@@ -350,6 +350,7 @@ class Prediction:
     stop_reason: str = ""
     rouge_full: float | None = None  # summaries: ROUGE-L F1 against the full-KV summary (score: against the reference)
     off_topic: bool | None = None  # summaries: shares no named entity with its document
+    chat_template: bool | None = None  # the prompt went through the tokenizer's chat template
     reused: bool = False  # read from the results file, not computed in this run (not written)
 
 
@@ -493,7 +494,7 @@ class QualityResult:
         """``{"gap": mean log-prob gap per token, "agreement": % top-1 agreement, "n": examples}``;
         ``task=None``: the mean of the per-task means."""
         if task is None:
-            rows = [self.fidelity(length, t, method, budget) for t in self.tasks]
+            rows = [self.fidelity(length, t, method, budget) for t in self.scored_tasks()]
             rows = [r for r in rows if r["n"]]
             if not rows:
                 return {"gap": None, "agreement": None, "n": 0}
@@ -514,7 +515,9 @@ class QualityResult:
     def truncations(self, length: int, method: str, budget: str, task: str | None = None) -> int:
         """Compressed answers that name a strict part of a number full KV gave whole (:func:`truncated_number`)."""
         n = 0
-        for t in [task] if task else self.tasks:
+        for t in [task] if task else self.scored_tasks():
+            if t == SUMMARY:
+                continue
             for p in self._cell(length, t, method, budget):
                 f = self.full_of(p)
                 if f is not None and truncated_number(f.prediction, p.prediction):
@@ -587,14 +590,21 @@ class QualityResult:
         ]
         return 100.0 * sum(xs) / len(xs) if xs else None
 
+    def scored_tasks(self) -> list[str]:
+        """The tasks that averages are taken over: summaries (ROUGE-L, not accuracy) are reported apart,
+        unless they are all there is."""
+        return [t for t in self.tasks if t != SUMMARY] or list(self.tasks)
+
     def average(self, length: int, method: str, budget: str, tasks: Sequence[str] | None = None) -> float | None:
-        vals = [self.accuracy(length, t, method, budget) for t in (tasks or self.tasks)]
+        vals = [self.accuracy(length, t, method, budget) for t in (tasks or self.scored_tasks())]
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
 
     def examples_at(self, length: int) -> int:
         """Examples per task measured at ``length`` (full-KV runs of the first task)."""
-        return sum(1 for p in self.predictions if p.length == length and p.method == FULL and p.task == self.tasks[0])
+        return sum(
+            1 for p in self.predictions if p.length == length and p.method == FULL and p.task == self.scored_tasks()[0]
+        )
 
     def evidence(self, length: int, task: str | None, method: str, budget: str) -> float | None:
         """Mean share (percent) of the answer's tokens kept in the cache; ``task=None``: mean over tasks."""
@@ -983,6 +993,7 @@ def run_one(
         config=run_config(method, engine.chunk_size, retention),
         answer_ids=ids,
         stop_reason=stop,
+        chat_template=prep.chat_template,
     )
     if ex.task == SUMMARY:
         from .summaries import off_topic, rouge_l
@@ -1098,10 +1109,6 @@ def run_quality(
         protocols=protocols,
         prompt=prompt,
     )
-    if not can_teacher_force():
-        result.notes.append(TEACHER_FORCE_MISSING)
-    if prompt == "chat" and not has_chat_template(lm.tokenizer):
-        result.notes.append("the tokenizer has no chat template: the chat prompt's text was given plainly")
     t0 = time.perf_counter()
     tok = lm.tokenizer
     failed: set[str] = set()
@@ -1122,7 +1129,8 @@ def run_quality(
                 ]
 
                 def key(method: str, budget: str, proto: str, task=task, length=length, ex_seed=ex_seed) -> tuple:
-                    d = dict(model=name, prompt=prompt, protocol=proto, task=task, length=length, seed=ex_seed)
+                    style = "chat" if task == SUMMARY else prompt  # summaries: always the summarize profile's
+                    d = dict(model=name, prompt=style, protocol=proto, task=task, length=length, seed=ex_seed)
                     d.update(method=method, budget=budget, config=run_config(method, chunk, retention))
                     return cell_key(d)
 
@@ -1182,7 +1190,21 @@ def run_quality(
     if store is not None:  # the tables come from the file: its rows for this run's cells
         wanted = {cell_key(p) for p in result.predictions}
         result.predictions = [p for p in store.predictions() if cell_key(p) in wanted]
+    result.notes = notes_for(result.predictions)
     return result
+
+
+NO_TEMPLATE = "the tokenizer has no chat template: the chat prompt's text was given plainly"
+
+
+def notes_for(predictions: Sequence[Prediction]) -> list[str]:
+    """What a reader of the tables must know about how these predictions were made."""
+    notes = []
+    if any(p.method == FULL and p.answer_ids and p.fidelity_gap is None for p in predictions):
+        notes.append(TEACHER_FORCE_MISSING + " (for some or all cells)")
+    if any(p.prompt == "chat" and p.chat_template is False for p in predictions):
+        notes.append(NO_TEMPLATE)
+    return notes
 
 
 def runs_per_example(methods: Sequence[str], budgets: Sequence[str], protocols: int = 1) -> int:
@@ -1384,7 +1406,7 @@ def summary_markdown(result: QualityResult) -> list[str]:
     st = result.summary_table()
     head = _summary_header(result)
     for n in result.lengths:
-        out.append(f"#### {n} tokens: average over tasks ({', '.join(result.tasks)})\n")
+        out.append(f"#### {n} tokens: average over tasks ({', '.join(result.scored_tasks())})\n")
         out.append("| method | budget | " + " | ".join(head) + " |")
         out.append("|---|---|" + "---:|" * len(head))
         for m, b in _rows(result):
@@ -1696,8 +1718,7 @@ def results_from_rows(rows: list[Prediction], command: str = "") -> list[Quality
             protocols=[x for x in PROTOCOLS if x in protos],
             prompt=prompt,
         )
-        if any(p.method == FULL and p.fidelity_gap is None and p.answer_ids for p in ps):
-            r.notes.append(TEACHER_FORCE_MISSING + " (for some cells)")
+        r.notes = notes_for(ps)
         out.append(r)
     return out
 

@@ -523,3 +523,39 @@ def test_summary_task_scores_rouge_and_off_topic(lm, tmp_path, monkeypatch):
     assert comp.rouge_full is not None and comp.off_topic is not None and 0.0 <= comp.score <= 1.0
     row = res.summary_table()["256"]["10%"]["snapkv"]
     assert row["summaries"] == 1 and row["off_topic"] in (0, 1) and "rouge_l_full" in row
+
+
+def test_summaries_are_kept_out_of_the_task_averages():
+    r = Q.QualityResult("m", ["niah_single", "summary"], [512], ["1%"], ["snapkv"], 1, 0, 128, 6)
+    r.predictions += [_fake("niah_single", "full", "full", 1.0, 512), _fake("niah_single", "snapkv", "1%", 0.5, 512)]
+    r.predictions += [_fake("summary", "full", "full", 0.2, 512), _fake("summary", "snapkv", "1%", 0.1, 512)]
+    row = r.summary_table()["512"]["1%"]["snapkv"]
+    assert row["accuracy"] == 50.0 and row["pct_of_full"] == 50.0 and row["rouge_l_reference"] == 10.0
+
+
+def test_command_protocols_results_file_and_render_from_it(model_path, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from dynkv_bench.cli import bench_app
+
+    root = typer.Typer()
+    root.add_typer(bench_app, name="bench")
+    rows = tmp_path / "r.jsonl"
+    args = ["bench", "quality", "--model", str(model_path), "--tasks", "end", "--lengths", "256"]
+    args += ["--budgets", "16", "--methods", "snapkv", "--examples", "1", "--chunk-size", "128"]
+    args += ["--protocol", "both", "--results", str(rows), "--markdown", str(tmp_path / "a.md")]
+    res = CliRunner().invoke(root, args)
+    assert res.exit_code == 0, res.output
+    assert len(rows.read_text().splitlines()) == 3  # full once, snapkv per protocol
+    md = (tmp_path / "a.md").read_text()
+    assert "protocol aware, chat prompt" in md and "protocol agnostic, chat prompt" in md
+    again = CliRunner().invoke(
+        root, ["bench", "quality", "--from-results", str(rows), "--markdown", str(tmp_path / "b.md")]
+    )
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "b.md").read_text().split("\n#### 256 tokens, budget")[0] == md.split(
+        "\n#### 256 tokens, budget"
+    )[0]
+    bad = CliRunner().invoke(root, [*args[:-4], "--protocol", "sideways"])
+    assert bad.exit_code == 2 and "unknown protocol" in bad.output
