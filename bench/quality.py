@@ -1,15 +1,25 @@
-"""`dynkv bench quality`: accuracy against budget for every method, on the same seeded examples.
+"""`dynkv bench quality`: accuracy and fidelity against budget for every method, on the same seeded examples.
 
-    for each task x length: examples = make_suite([task], length, n, seed, "eval", tokenizer)
-        for each example: tokenise the document once (the tokenizer's own encoding of it, BOS
-            included where it adds one, then the suffix "\\n<question>\\nAnswer:" tokenised on its own)
-            full KV once -> reference prediction
-            for each method x budget: compress the ids with the question as probe, ask, score
+    for each task x length: example i = make_example(task, length, suite_seed("eval", seed, task, length, i))
+        (the "eval" split is reported; the disjoint "tune" (train) split is for tuning anything on the suite)
+        prompt: chat (default): the model's chat template, the qa profile's system text, the document in the
+            user turn, the question after it, the task's answer prefix opening the assistant turn;
+            plain: "<document>\\n<question>\\nAnswer:" (toy models, ids equal to the plain encoding)
+        full KV once per example (it serves every method, budget and protocol) -> reference answer
+        for each protocol x method x budget:
+            aware: compress with the question as probe; agnostic: compress with the qa profile's generic
+            probe (as `questions: shared` and .dkv files); then ask, score, and teacher-force full KV's
+            answer under the compressed cache (fidelity: log-prob gap per token, top-1 agreement)
 
-Everything that was measured goes into one :class:`QualityResult`: every prediction, the accuracy table
-(task x method x budget, per length), the per-layer budgets DynamicKV chose for each task, and the
-issue's targets checked against the table. The console output (tables, layer charts) and the JSON are
-both made from it.
+``--results FILE.jsonl`` appends one line per prediction as it is made; a rerun skips the cells already
+there (full KV included), and the tables are built from the file. The ``summary`` task (``summaries.py``)
+summarizes LongBench multi_news records with the summarize profile (ROUGE-L against the reference and
+against full KV, off-topic counts).
+
+Everything that was measured goes into one :class:`QualityResult`: every prediction, the accuracy and
+fidelity tables (task x method x budget, per length and protocol), truncated-number counts, the
+per-layer budgets DynamicKV chose for each task, and the issue's targets checked against the table.
+The console output (tables, layer charts), the Markdown and the JSON are all made from it.
 """
 
 from __future__ import annotations

@@ -559,3 +559,23 @@ def test_command_protocols_results_file_and_render_from_it(model_path, tmp_path)
     )[0]
     bad = CliRunner().invoke(root, [*args[:-4], "--protocol", "sideways"])
     assert bad.exit_code == 2 and "unknown protocol" in bad.output
+
+
+@needs_teacher_force
+def test_smollm2_is_asked_through_its_chat_template(smollm2):
+    """The real default model: the prompt goes through its chat template, and a budget that keeps every
+    token answers as full KV does, token for token (agreement 1, no log-prob gap)."""
+    lm = smollm2.lm
+    tok = lm.tokenizer
+    ex = make_example("niah_single", 256, 1, tok)
+    prep = Q.prepare(tok, ex, 0, 1, 256)
+    assert prep.chat_template
+    assert "<|im_start|>system\n" + Q.CHAT_SYSTEM in tok.decode(prep.prefix_ids)
+    assert tok.decode(prep.suffix_ids).endswith(f"Question: {ex.question}<|im_end|>\n<|im_start|>assistant\n")
+    res = Q.run_quality(
+        lm, tasks=["niah_single"], lengths=[256], budgets=["100%"], methods=["snapkv"], examples=1, max_new_tokens=6
+    )
+    full, keep = res.predictions
+    assert full.chat_template and full.fidelity_agreement == 1.0 and full.fidelity_gap == 0.0
+    assert keep.prediction == full.prediction and keep.fidelity_agreement == 1.0
+    assert keep.fidelity_gap == pytest.approx(0.0, abs=1e-3)
