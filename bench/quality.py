@@ -104,9 +104,8 @@ def split_words(text: str | None) -> list[str]:
 
 def resolve_tasks(text: str | None) -> list[str]:
     """Task names (or their short names: passkey, vartrack, ...); ``summary`` is the multi_news task."""
-    names = [TASK_ALIASES.get(n, n) for n in split_words(text)]
-    if not names or names == ["all"]:
-        return list(TASKS)
+    names = [TASK_ALIASES.get(n, n) for n in split_words(text)] or ["all"]
+    names = [t for n in names for t in (TASKS if n == "all" else [n])]  # all: the RULER tasks
     unknown = [n for n in names if n not in TASKS and n != SUMMARY]
     if unknown:
         known = [*TASKS, *TASK_ALIASES, SUMMARY]

@@ -206,6 +206,7 @@ def test_short_task_names_and_the_tune_split():
 
     assert set(T.TASK_ALIASES.values()) == set(TASKS)
     assert resolve_tasks("passkey,vartrack,end,summary") == ["niah_single", "vt", "fact_end", "summary"]
+    assert resolve_tasks("all,summary") == [*TASKS, "summary"] and resolve_tasks(None) == list(TASKS)
     assert T.suite_seed("tune", 0, "vt", 512, 3) == T.suite_seed("train", 0, "vt", 512, 3)
     assert T.suite_seed("tune", 0, "vt", 512, 3) != T.suite_seed("eval", 0, "vt", 512, 3)
     with pytest.raises(ValueError):
