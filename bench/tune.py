@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 a = full_eng.ask(doc, ex.question)
                 lp = full_eng.teacher_force(doc, ex.question, a.token_ids)
                 done[key] = dict(task=ex.task, index=i, method="full", budget="full", variant="-", answer=a.text,
-                                 ids=a.token_ids, logp=[x for x, _ in lp], score=score(ex, a.text),
+                                 ids=a.token_ids, logp=[x for x, _ in lp], score=score(ex, a.text, contains=True),
                                  doc_tokens=doc.stats.doc_tokens)  # fmt: skip
                 out.write(json.dumps(done[key]) + "\n")
                 out.flush()
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                         gap = statistics.fmean(f - c for f, (c, _) in zip(ref["logp"], forced)) if forced else 0.0
                         agree = statistics.fmean(int(t == r) for (_, t), r in zip(forced, ref["ids"])) if forced else 1.0
                         done[k] = dict(task=ex.task, index=i, method=method, budget=budget, variant=vname,
-                                       answer=a.text, score=score(ex, a.text), gap=gap, agree=agree,
+                                       answer=a.text, score=score(ex, a.text, contains=True), gap=gap, agree=agree,
                                        truncated=truncated(ref["answer"], a.text), kept=doc.stats.kept_per_layer,
                                        seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
                         out.write(json.dumps(done[k]) + "\n")
