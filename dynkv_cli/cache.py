@@ -157,6 +157,14 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = True
         self.keys, self.values = keys, values
 
+    def fit(self, headroom: int) -> None:
+        """Shrink the buffers to the kept entries plus ``headroom`` (one copy; nothing when already that small).
+
+        Prefill needs room for a chunk in every layer; a stored document needs only room for a question
+        and its answer, so the engine may call this once after the last chunk."""
+        if self._k is not None and self.capacity > self._n + headroom:
+            self._allocate(self._k, self._v, self._n + headroom)
+
     def reserve(self, n: int) -> None:
         """Make room for ``n`` entries per head: grow by :data:`GROWTH` (at least to ``n``) when full."""
         cap = self.capacity
@@ -511,6 +519,14 @@ class CompressedCache(Cache):
     def bytes_used(self) -> int:
         """Bytes the cache holds now: keys, values, positions and scores of every layer."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def fit(self, headroom: int) -> None:
+        """Shrink every uniform layer's buffers to its kept entries plus ``headroom`` and drop the select
+        scratch: after prefill, a document keeps room for a question and an answer, not for a chunk."""
+        for layer in self.layers:
+            if hasattr(layer, "fit"):
+                layer.fit(headroom)
+        self._scratch.clear()
 
     def reserved_bytes(self) -> int:
         """Bytes the cache's storage takes: every layer's buffers (valid or not) and the select scratch."""

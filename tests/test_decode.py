@@ -200,3 +200,19 @@ def test_stop_strings_with_multi_byte_characters(tiny_tok, stop, expected):
     gen = GenerationSettings(max_new_tokens=100, stop=[stop]).validate()
     out = decode(step, first, tiny_tok, gen, set(), on_token=shown.append)
     assert out.stop_reason == "stop_string" and out.text == expected and "".join(shown) == expected
+
+
+def test_fit_drops_the_prefill_headroom_and_keeps_the_entries():
+    cache = CompressedCache(2, capacity=100)
+    for layer in cache.layers:
+        layer.update(*_layer_states(30))
+    before = [layer.keys.clone() for layer in cache.layers]
+    cache.layers[0].select(torch.arange(10).expand(2, 10))
+    cache.fit(8)
+    assert [layer.capacity for layer in cache.layers] == [18, 38]
+    assert torch.equal(cache.layers[0].keys, before[0][:, :, :10]) and torch.equal(cache.layers[1].keys, before[1])
+    ptr = cache.layers[0].keys.data_ptr()
+    for _ in range(8):  # a question and an answer fit the headroom
+        cache.layers[0].update(*_layer_states(1))
+    assert cache.layers[0].keys.data_ptr() == ptr and cache.layers[0].growths == 0
+    assert cache.reserved_bytes() == (18 + 38) * 2 * (4 * 4 * 2 + 8 + 4)
