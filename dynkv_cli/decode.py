@@ -256,21 +256,24 @@ def decode(
     t0: float | None = None,
     on_token: Callable[[str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    every: int | None = None,
 ) -> Decoded:
     """Decode an answer from the suffix's ``logits``; ``step(token)`` runs the model on one token (an int or a
     device tensor) and returns the next logits.
 
     On CUDA with greedy picks, up to :data:`SYNC_EVERY` tokens are decoded before the host looks at them
     (the first token alone, so its time is exact); elsewhere every token is looked at as it comes.
-    Either way the answer, its ``stop_reason`` and its stream are the same.
+    Either way the answer, its ``stop_reason`` and its stream are the same. ``every``: that group size
+    instead (tests use it to run the CUDA schedule on the CPU).
     """
     t0 = time.perf_counter() if t0 is None else t0
     state = _Answer(tokenizer, gen, eos, on_token)
-    grouped = logits.device.type == "cuda" and gen.temperature <= 0
+    if every is None:
+        every = SYNC_EVERY if logits.device.type == "cuda" and gen.temperature <= 0 else 1
     t_first: float | None = None
     done = False
     while not done:
-        size = SYNC_EVERY if grouped and t_first is not None else 1
+        size = every if t_first is not None else 1
         group = []
         for j in range(size):
             group.append(pick_fn(logits, gen, rng))

@@ -216,3 +216,30 @@ def test_fit_drops_the_prefill_headroom_and_keeps_the_entries():
         cache.layers[0].update(*_layer_states(1))
     assert cache.layers[0].keys.data_ptr() == ptr and cache.layers[0].growths == 0
     assert cache.reserved_bytes() == (18 + 38) * 2 * (4 * 4 * 2 + 8 + 4)
+
+
+@pytest.mark.parametrize(
+    "tail,gen_kw",
+    [
+        ("eos", {}),
+        ("", {"stop": [" owner"]}),
+        ("", {"repetition_guard": {"ngram": 8, "repeats": 3}}),
+        ("", {"max_new_tokens": 21}),
+    ],
+)
+def test_grouped_schedule_gives_the_same_answer_and_stream(tiny_tok, tail, gen_kw):
+    """The CUDA schedule (the host looks every 8 tokens) run on the CPU: same ids, text, stop reason, stream."""
+    sentence = _ids(tiny_tok, " the report was read by the owner of the garden in the month.")
+    ids = _ids(tiny_tok, "A tenant") + sentence * 4
+    eos = {tiny_tok.eos_token_id}
+    if tail == "eos":
+        ids = ids[:13] + [tiny_tok.eos_token_id] + ids[13:]
+    results = []
+    for every in (1, 8):
+        step, first, calls = _scripted(ids, len(tiny_tok))
+        shown: list[str] = []
+        gen = GenerationSettings(**{"max_new_tokens": 200, **gen_kw}).validate()
+        out = decode(step, first, tiny_tok, gen, eos, on_token=shown.append, every=every)
+        assert "".join(shown) == out.text
+        results.append((out.token_ids, out.text, out.stop_reason))
+    assert results[0] == results[1]
