@@ -187,12 +187,8 @@ def _release_host_memory() -> None:
 
 
 def _observers(method: Method, n_probe: int, pinned: int) -> int:
-    """How many queries at the end of a pass observe: the probe (or its last ``probe_window`` tokens),
-    else the pinned tail window."""
-    if not n_probe:
-        return max(1, pinned)
-    k = method.probe_window
-    return min(n_probe, k) if k else n_probe
+    """How many queries at the end of a pass observe: the probe, else the pinned tail window."""
+    return n_probe if n_probe else max(1, pinned)
 
 
 @functools.cache
@@ -262,7 +258,13 @@ class _Pass:
     def _observe(self, query: torch.Tensor, keys: torch.Tensor, scaling: float, end: int) -> torch.Tensor:
         """Observation attention ``[G, end]`` of ``query`` ``[1, H, q, d]`` over ``keys`` ``[G, n, d]``."""
         if self.method.observation != "all":
-            return observation_scores(query[0, :, query.shape[2] - self.n_obs :], keys, scaling, end)
+            q = query[0, :, query.shape[2] - self.n_obs :]
+            att = observation_scores(q, keys, scaling, end)
+            k = self.method.probe_window if self.n_probe else 0
+            if 0 < k < self.n_obs:  # the probe's last k tokens observe too: per query, the larger share
+                tail = observation_scores(q[:, -k:], keys, scaling, end)
+                att = torch.maximum(att / self.n_obs, tail / k) * self.n_obs
+            return att
         # every chunk query observes, in blocks; chunk query i sits at key index end - n_chunk + i
         total = keys.new_zeros(keys.shape[0], end, dtype=torch.float32)
         for a in range(0, self.n_chunk, self.OBS_BLOCK):

@@ -52,8 +52,10 @@ class ObservedSettings:
         an odd kernel), so a kept token brings its neighbours.
     span: ``none``, ``digits`` or ``word``: the chunk's tokens of one number (or one word) share the
         highest pooled score among them, so they are kept or dropped together (:mod:`dynkv_cli.spans`).
-    probe_window: with a probe, only its last ``probe_window`` tokens observe (0: all of them). The
-        last tokens sit where the answer begins (the chat template's assistant turn).
+    probe_window: with a probe, its last ``probe_window`` tokens observe a second time on their own
+        (0: not): an entry scores the larger of the whole probe's and the last tokens' mean attention.
+        The last tokens sit where the answer begins (the chat template's assistant turn), whose
+        attention finds the answer's own tokens; the whole probe finds the question's words.
     """
 
     observation: str = "probe"
