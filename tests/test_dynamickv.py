@@ -138,3 +138,13 @@ def test_floor_enforced(monkeypatch):
         state.after_attention(l, torch.zeros(1, 1, 1, 4), 1.0)
     kept = cache.kept_per_layer()
     assert sum(kept) == 12 and min(kept) >= 2  # r_min * B = 2 even for the layer with no votes
+
+
+def test_normalize_lets_a_layer_of_flat_attention_compete():
+    flat = torch.full((1, 10), 0.01)
+    peaky = torch.tensor([[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    raw = DynamicKVMethod(DynamicKVSettings(update_interval=1), 4, 2, 1).reallocate(1, [10, 10], [flat, peaky], [0, 0])
+    norm = DynamicKVMethod(DynamicKVSettings(update_interval=1, normalize=True), 4, 2, 1)
+    shared = norm.reallocate(1, [10, 10], [flat, peaky], [0, 0])
+    assert raw == [0, 8]  # raw mass: the flat layer loses every vote and falls to nothing
+    assert sum(shared) == 8 and shared[0] > 0

@@ -122,11 +122,15 @@ class DynamicKVSettings(ObservedSettings):
     r_max: a layer keeps at most ``r_max * B`` per KV head before the update shares the budget.
     r_min: a layer never falls below ``r_min * B`` (0: it may fall to its pinned window).
     update_interval: the progressive update runs every ``m`` layers (and at the last layer).
+    normalize: divide each layer's scores by their mean before the global ranking. Attention mass is
+        not comparable across layers (a layer that spreads its attention scores low everywhere and
+        loses every vote); normalised, a layer competes with how much its best entries stand out.
     """
 
     r_max: float = 10.0
     r_min: float = 0.0
     update_interval: int = 4
+    normalize: bool = False
 
     def validate(self):
         super().validate()
@@ -163,4 +167,15 @@ class DynamicKVMethod(Method):
         available = total - sum(sizes[layer_idx + 1 :])
         floor = ceil_int(self.settings.r_min * self.budget) * unit if self.settings.r_min > 0 else 0
         heads = self.num_kv_heads if unit == 1 else 1
+        if self.settings.normalize:
+            scores = [_by_mean(s) for s in scores]
         return progressive_counts(scores, pinned, available, self.budget * unit, heads, floor)
+
+
+def _by_mean(scores: torch.Tensor) -> torch.Tensor:
+    """Scores divided by the mean of the finite ones (pinned ``-inf`` entries stay ``-inf``)."""
+    finite = torch.isfinite(scores)
+    if not bool(finite.any()):
+        return scores
+    mean = scores[finite].mean().clamp(min=1e-12)
+    return torch.where(finite, scores / mean, scores)
