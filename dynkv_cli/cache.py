@@ -307,7 +307,7 @@ class RaggedLayer(DynamicLayer):
         step adds one entry per head): a host list copied to CUDA would sync the stream every layer
         and every token."""
         lens, dev = tuple(self.lens), self.keys.device
-        cached = getattr(self, "_offsets", None)
+        cached = getattr(self, "_offsets", None) if dev.type != "cpu" else None  # on the CPU a list is cheapest
         if cached is not None and cached[0] != lens:
             old, off = cached
             grew = lens[0] - old[0] if len(old) == len(lens) and lens else None
