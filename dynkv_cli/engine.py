@@ -688,6 +688,8 @@ class Engine:
                     )
         if seen == 0:
             raise UsageError("the document is empty: nothing to compress")
+        # a stored document needs room for a question and its answer, not for another chunk
+        cache.fit(QUESTION_ALLOWANCE + self.generation.max_new_tokens)
         elapsed = time.perf_counter() - t_start
         if dev.type == "cuda":
             peak_bytes, peak_kind = torch.cuda.max_memory_allocated(dev), "cuda_max_allocated"
