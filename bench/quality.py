@@ -1540,6 +1540,12 @@ def quality_command(
         None, "--time-limit", help="minutes: start no example round that would end past this"
     ),
     seed: int = typer.Option(0, "--seed", help="suite seed (eval split)"),
+    retention_profile: str | None = typer.Option(
+        None,
+        "--retention-profile",
+        help="run every method with this profile's retention settings (qa: span digits, probe_window 8); "
+        "default: the methods' own defaults",
+    ),
     r_max: float | None = typer.Option(
         None, "--r-max", help="DynamicKV's per-layer cap, a multiple of the average budget (default 10, the paper's)"
     ),
@@ -1614,7 +1620,14 @@ def quality_command(
         budget_list = resolve_budgets(budgets)
         method_list = resolve_methods(methods, mix)
         given = {"r_max": r_max, "r_min": r_min}
-        retention = parse_method("dynamickv", {k: v for k, v in given.items() if v is not None}).retention()
+        base: dict = {}
+        if retention_profile:
+            from dynkv_cli.profiles import load_profile
+
+            base = dict(load_profile(retention_profile).compression.retention)
+        retention = parse_method(
+            "dynamickv", {**base, **{k: v for k, v in given.items() if v is not None}}
+        ).retention()
         model = resolve_model(model)
         lm = load_model(model, device=device, dtype=dtype)
         total = (
