@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import ClassVar
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
