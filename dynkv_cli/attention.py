@@ -5,7 +5,7 @@ mask transformers builds from layer 0 would be wrong. This function ignores it a
 for itself: query ``i`` of ``q`` is the token at key index ``n - q + i`` (queries aligned to the newest
 keys), which is exact for chunked prefill, a multi-token suffix and decoding. When the engine passes a
 ``dynkv_state`` keyword through the model's forward, the state scores and compresses the layer right
-after its attention (ALGORITHMS.md section 3).
+after its attention (see docs/engine.md).
 """
 
 from __future__ import annotations
