@@ -87,7 +87,7 @@ def _run_one_shot(scores, B, L, r_max, m, monkeypatch):
 
 
 def test_one_shot_worked_example(monkeypatch):
-    """ALGORITHMS.md section 2 by hand: L=3, B=2 (T=6), r_max=2, m=2, one KV head, 6 tokens."""
+    """DynamicKV's update (docs/algorithms.md) by hand: L=3, B=2 (T=6), r_max=2, m=2, one KV head, 6 tokens."""
     scores = [
         [0.90, 0.80, 0.10, 0.05, 0.02, 0.01],
         [0.50, 0.40, 0.30, 0.20, 0.02, 0.01],
