@@ -1543,7 +1543,7 @@ def quality_command(
     retention_profile: str | None = typer.Option(
         None,
         "--retention-profile",
-        help="run every method with this profile's retention settings (qa: span digits, probe_window 8); "
+        help="run every method with this profile's retention settings (qa: span digits); "
         "default: the methods' own defaults",
     ),
     r_max: float | None = typer.Option(
