@@ -213,6 +213,9 @@ class CompressedLayer(DynamicLayer):
         else:
             self._gather_into(self._s, 1, index)
         self._n = k
+        room = self._cache.headroom
+        if room and self.capacity > 2 * (k + room):  # a layer cut well below its buffer gives the memory back
+            self._allocate(self._k, self._v, k + room)
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` entries (drops a question/answer appended after the document)."""
@@ -449,12 +452,15 @@ class CompressedCache(Cache):
     positions; ``next_pos`` is the position the next token will take.
     """
 
-    def __init__(self, num_layers: int, ragged: bool = False, capacity: int | None = None):
-        """``capacity``: entries per KV head a (uniform) layer may hold during prefill, preallocated at its
-        first update (the engine knows it: the largest layer budget + chunk + probe); None: unknown, the
-        buffers start at the first update's size and grow geometrically."""
+    def __init__(self, num_layers: int, ragged: bool = False, capacity: int | None = None, headroom: int = 0):
+        """``capacity``: entries per KV head a (uniform) layer is preallocated for at its first update (the
+        engine passes prefix + budget + chunk + probe); None: unknown, the buffers start at the first
+        update's size and grow geometrically. ``headroom``: entries a layer needs free beyond its kept
+        ones for the next pass (chunk + probe); a layer whose kept entries fall far below its buffer is
+        re-allocated to them plus ``headroom`` (0: never), so memory follows what is kept."""
         layer_cls = RaggedLayer if ragged else CompressedLayer
         self.capacity = capacity
+        self.headroom = headroom
         self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         super().__init__(layers=[layer_cls(self) for _ in range(num_layers)])
         self.ragged = ragged

@@ -469,17 +469,15 @@ class Engine:
         return torch.tensor(span_starts(self.lm.tokenizer, chunk, mode), device=self.lm.device)
 
     def _capacity(self, method: Method, total: int | None, prefix: list[int], probe: list[int]) -> int | None:
-        """Entries per KV head a layer may hold while a chunk is read: what the cache preallocates.
-
-        The kept entries (the largest layer capacity, or the whole document for ``full``), the prefix,
-        one chunk and the probe. None when unknown (``full`` of a document of unknown length).
+        """Entries per KV head a layer is preallocated for: the prefix, the budget (the whole document for
+        ``full``), one chunk and the probe. A layer that holds more for a while (DynamicKV's cap before
+        its update) grows once; one cut far below gives the memory back (``CompressedCache.headroom``).
+        None when unknown (``full`` of a document of unknown length).
         """
         if method.keeps_all:
             kept = total
         else:
-            kept = max(int(method.capacity(l)) for l in range(self.lm.shape.num_layers))
-            if total is not None:
-                kept = min(kept, total)
+            kept = method.budget if total is None else min(method.budget, total)
         if kept is None:
             return None
         return len(prefix) + kept + self.chunk_size + len(probe)
@@ -643,7 +641,10 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(dev)
         peak = _rss_bytes()
         cache = CompressedCache(
-            lm.shape.num_layers, ragged=method.ragged, capacity=self._capacity(method, total, prefix, probe_ids)
+            lm.shape.num_layers,
+            ragged=method.ragged,
+            capacity=self._capacity(method, total, prefix, probe_ids),
+            headroom=self.chunk_size + len(probe_ids),
         )
         digest = hashlib.sha256()
         t_start = time.perf_counter()
