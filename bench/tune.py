@@ -128,7 +128,8 @@ def main(argv=None) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    """Accuracy (% of full KV's), fidelity and truncations per method x budget x variant, over tasks."""
+    """Accuracy (and as % of full KV's on the same examples), fidelity and truncations per method x
+    budget x variant, over tasks."""
     full = {(r["task"], r["index"]): r["score"] for r in rows if r["method"] == "full"}
     full_avg = statistics.fmean(full.values()) if full else 0.0
     cells: dict[tuple, list[dict]] = {}
@@ -140,7 +141,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (m, b, v), rs in sorted(cells.items()):
         acc = statistics.fmean(r["score"] for r in rs)
-        rel = 100 * acc / full_avg if full_avg else 0.0
+        ref = statistics.fmean(full[(r["task"], r["index"])] for r in rs)  # full KV on the same examples
+        rel = 100 * acc / ref if ref else 0.0
         lines.append(
             f"| {m} | {b} | {v} | {len(rs)} | {100 * acc:.1f} | {rel:.0f} | "
             f"{statistics.fmean(r['gap'] for r in rs):.2f} | {statistics.fmean(r['agree'] for r in rs):.2f} | "
