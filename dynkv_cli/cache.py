@@ -62,6 +62,26 @@ class HeadGroup:
     scores: torch.Tensor
 
 
+class _ValidView:
+    """A layer attribute that reads as the valid part (the first ``_n`` entries along ``dim``) of the
+    buffer ``slot``; a tensor assigned whole (a loaded file, transformers' own helpers) becomes the
+    buffer, all of it valid."""
+
+    def __init__(self, slot: str, dim: int):
+        self.slot, self.dim = slot, dim
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        buf = getattr(layer, self.slot)
+        return None if buf is None else buf.narrow(self.dim, 0, layer._n)
+
+    def __set__(self, layer, t: torch.Tensor | None) -> None:
+        if t is not None:
+            layer._n = t.shape[self.dim]
+        setattr(layer, self.slot, t)
+
+
 class CompressedLayer(DynamicLayer):
     """One layer of the compressed cache. ``update`` appends; the engine selects and truncates.
 
@@ -85,43 +105,10 @@ class CompressedLayer(DynamicLayer):
         self._cache = cache
 
     # ---- the views the rest of dynkv reads (assigning adopts the tensor as the buffer) ----------------
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self._n]
-
-    @keys.setter
-    def keys(self, t: torch.Tensor | None) -> None:
-        self._k = self._adopt(t, -2)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self._n]
-
-    @values.setter
-    def values(self, t: torch.Tensor | None) -> None:
-        self._v = self._adopt(t, -2)
-
-    @property
-    def positions(self) -> torch.Tensor | None:
-        return None if self._p is None else self._p[:, : self._n]
-
-    @positions.setter
-    def positions(self, t: torch.Tensor | None) -> None:
-        self._p = self._adopt(t, -1)
-
-    @property
-    def scores(self) -> torch.Tensor | None:
-        return None if self._s is None else self._s[:, : self._n]
-
-    @scores.setter
-    def scores(self, t: torch.Tensor | None) -> None:
-        self._s = self._adopt(t, -1)
-
-    def _adopt(self, t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
-        """A tensor assigned whole (a loaded file, transformers' own helpers) becomes the buffer, full."""
-        if t is not None:
-            self._n = t.shape[dim]
-        return t
+    keys = _ValidView("_k", -2)
+    values = _ValidView("_v", -2)
+    positions = _ValidView("_p", -1)
+    scores = _ValidView("_s", -1)
 
     @property
     def capacity(self) -> int:
@@ -250,6 +237,10 @@ class CompressedLayer(DynamicLayer):
         if self.keys is None:
             return torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.long)
         return self.scores[:, prefix_len:], self.positions[:, prefix_len:]
+
+    def doc_size(self, prefix_len: int) -> int:
+        """Document entries per KV head (what a cross-layer update counts for this layout)."""
+        return max(0, self.length - prefix_len) if self.keys is not None else 0
 
     def head_rows(self, prefix_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per KV head: (stored scores, positions) of its document entries."""
@@ -402,6 +393,10 @@ class RaggedLayer(DynamicLayer):
     def head_rows(self, prefix_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per KV head: (stored scores, positions) of its document entries."""
         return [(s[prefix_len:], p[prefix_len:]) for _, _, p, s in (self.head(h) for h in range(len(self.lens)))]
+
+    def doc_size(self, prefix_len: int) -> int:
+        """Document entries over all KV heads (a cross-layer update counts per layer for this layout)."""
+        return sum(max(0, n - prefix_len) for n in self.lens)
 
     def doc_rows(self, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored scores and positions of all heads' document entries in one row ``[1, T]`` (a cross-layer
