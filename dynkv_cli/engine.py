@@ -346,10 +346,9 @@ class _Pass:
         Counts are per KV head, or per layer over all heads when heads keep different counts (ragged).
         """
         cache, P = self.cache, self.cache.prefix_len
-        ranked = [cache.layers[j].doc_rows(P) for j in range(len(cache.layers))]
-        sizes = [s.shape[1] for s, _ in ranked]
+        sizes = [layer.doc_size(P) for layer in cache.layers]
         doc_scores, pinned = [], []
-        for s, pos in ranked[: l + 1]:
+        for s, pos in (cache.layers[j].doc_rows(P) for j in range(l + 1)):
             pin = self._pinned(pos)
             doc_scores.append(s.masked_fill(pin, float("-inf")))
             pinned.append(int(pin[0].sum()) if pin.shape[1] else 0)
