@@ -225,35 +225,16 @@ def prepare(tokenizer, example: Example, index: int, seed: int, length: int, sty
     ``chat``: the prompt of :func:`chat_prompt` (through the chat template when the tokenizer has one)."""
     if style not in PROMPT_STYLES:
         raise UsageError(f"unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
-    if style == "chat":
-        prompt = chat_prompt(example)
-        doc_ids = encode(tokenizer, example.document)
-        p = prompt_ids(tokenizer, prompt, example.question)
-        return PreparedExample(
-            example,
-            index,
-            seed,
-            length,
-            prompt,
-            doc_ids,
-            p.prefix,
-            p.suffix,
-            len(encode(tokenizer, " " + example.answer)),
-            evidence_tokens(tokenizer, example),
-            style="chat",
-            chat_template=has_chat_template(tokenizer),
-        )
-    doc, _ = format_prompt(example)
-    prompt = task_prompt(example)
-    doc_ids = encode(tokenizer, doc)
+    chat = style == "chat"
+    prompt = chat_prompt(example) if chat else task_prompt(example)
+    doc_ids = encode(tokenizer, example.document if chat else format_prompt(example)[0])
     p = prompt_ids(tokenizer, prompt, example.question)
-    seen = p.prefix + doc_ids + p.suffix
-    if seen != reference_ids(tokenizer, example):
+    if not chat and p.prefix + doc_ids + p.suffix != reference_ids(tokenizer, example):
         raise UsageError(
             f"{example.task}: the engine's token ids (prefix + document + suffix) differ from the tokenizer's "
             "own encoding of the document followed by the suffix; its special tokens are not a single leading BOS"
         )
-    answer_tokens = len(encode(tokenizer, " " + example.answer))
+    extra = {"style": "chat", "chat_template": has_chat_template(tokenizer)} if chat else {}
     return PreparedExample(
         example,
         index,
@@ -263,8 +244,9 @@ def prepare(tokenizer, example: Example, index: int, seed: int, length: int, sty
         doc_ids,
         p.prefix,
         p.suffix,
-        answer_tokens,
+        len(encode(tokenizer, " " + example.answer)),
         evidence_tokens(tokenizer, example),
+        **extra,
     )
 
 

@@ -10,6 +10,7 @@ Adding a method: one file defining a :class:`~dynkv_cli.methods.base.Method` sub
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
@@ -150,7 +151,7 @@ def describe_methods() -> list[dict]:
     for kind, table in (("method", METHODS), ("wrapper", WRAPPERS)):
         for name, cls in table.items():
             defaults = {} if cls.Settings is NoSettings else asdict(cls.Settings())
-            doc = (cls.__module__ and __import__(cls.__module__, fromlist=["x"]).__doc__ or "").strip()
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip()
             out.append({"name": name, "kind": kind, "settings": defaults, "summary": doc.splitlines()[0].replace("``", "") if doc else ""})
     return out
 
