@@ -15,22 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _vmhwm() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+from dynkv_bench.speed import _proc_status_kib, _reset_rss_peak
 
 
 def measure(doc_path: str, budgets: list[str], model: str | None, max_new_tokens: int) -> list[dict]:
@@ -49,9 +34,9 @@ def measure(doc_path: str, budgets: list[str], model: str | None, max_new_tokens
         profile.generation.repetition_guard = None
         runner = TaskRunner(lm, profile)
         runner.summarize(open_document(doc_path))  # warm-up
-        _reset_peak()
+        _reset_rss_peak()
         result = runner.summarize(open_document(doc_path))
-        task_peak = _vmhwm()
+        task_peak = (_proc_status_kib("VmHWM") or 0) * 1024
         a = result.answers[0]
         rows.append(
             {
