@@ -29,7 +29,7 @@ import torch
 from .budget import PERCENT_WARN_TOKENS, Budget, fitting_budget, format_bytes, parse_memory
 from .cache import CompressedCache
 from .config import CompressionSettings, GenerationSettings, dataclass_from_dict
-from .decode import decode, eos_ids, loop_end, pick, stop_at
+from .decode import decode, eos_ids, pick
 from .errors import CacheFileError, CacheTooLargeError, DynkvError, OutOfMemoryError, UsageError
 from .kernels import observation_scores
 from .methods import Method, parse_method
@@ -184,11 +184,6 @@ def _release_host_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _observers(method: Method, n_probe: int, pinned: int) -> int:
-    """How many queries at the end of a pass observe: the probe, else the pinned tail window."""
-    return n_probe if n_probe else max(1, pinned)
 
 
 @functools.cache
@@ -663,7 +658,7 @@ class Engine:
                     n_chunk=len(chunk),
                     n_probe=len(probe_ids),
                     pin_from=cache.next_pos + len(chunk) - pw if pw else None,
-                    n_obs=_observers(method, len(probe_ids), pw),
+                    n_obs=len(probe_ids) or max(1, pw),  # the probe observes, else the tail window
                     sync=self.sync_timing,
                     span_starts=self._span_starts(method, chunk),
                 )
@@ -743,7 +738,7 @@ class Engine:
         suffix = prompt_ids(lm.tokenizer, doc.prompt, question).suffix
         if not suffix:
             raise UsageError("the prompt has no text after the document: give a question")
-        eos = _eos_ids(lm)
+        eos = eos_ids(lm)
         lengths, pos0 = cache.lengths(), cache.next_pos
         rng = torch.Generator(device="cpu")
         if gen.seed is not None:
@@ -926,8 +921,5 @@ def _mem_available() -> int | None:
     return None
 
 
-# The decode loop's helpers live in decode.py; these names stay for callers and tests that patch them.
-_eos_ids = eos_ids
+# decode.py picks tokens; the engine hands it this name so tests can patch engine._pick.
 _pick = pick
-_loop_end = loop_end
-_stop_at = stop_at
