@@ -49,6 +49,7 @@ import os
 import re
 import signal
 import stat
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ class BatchSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (source, error) of this batch
     skipped_files: list[str] = field(default_factory=list)  # files in input folders dynkv cannot read
     changed_sources: list[str] = field(default_factory=list)  # the documents counted in ``changed``
+    seconds: float = 0.0  # wall time of the documents done now (model loading and start-up not included)
 
     def to_dict(self) -> dict:
         return {
@@ -91,6 +93,7 @@ class BatchSummary:
             "redone": self.redone,
             "dropped_lines": self.dropped_lines,
             "skipped_files": self.skipped_files,
+            "seconds": round(self.seconds, 2),
         }
 
 
@@ -558,6 +561,7 @@ def run_batch(
     on_start: Callable[[int, int, str], None] | None = None,
     on_done: Callable[[int, int, TaskResult], None] | None = None,
     on_skipped: Callable[[str, list[str]], None] | None = None,
+    pool=None,
 ) -> BatchSummary:
     """Run ``task`` over every document of ``inputs`` into ``out`` (JSONL). See the module docstring.
 
@@ -569,6 +573,10 @@ def run_batch(
     runner (loads the model): it is called after ``out`` is locked and read, and with ``profile``
     (the runner's profile) the settings the profile decides are compared before that, so a rerun
     with another budget is refused without loading the model.
+
+    ``pool``: a :class:`~dynkv_cli.raybatch.RayPool` (not started; ``runner`` is then unused) whose
+    workers do the documents; this process still writes every line. It is started after the early
+    settings check; the caller closes it. Lines are written in the order documents finish.
     """
     if task not in ("summarize", "qa", "rag"):
         raise UsageError(f"task {task!r} is not one of summarize, qa, rag")
@@ -588,14 +596,18 @@ def run_batch(
             )
         keys = [item_key(item) for item in items]
         prints = [item_fingerprint(item) for item in items]
-        if callable(runner) and not hasattr(runner, "run"):  # a function that makes the runner
-            if profile is not None and not redo_changed:
-                early = profile_settings(profile, task, questions)
-                _, mismatched = _plan(results.records, items, keys, prints, early, retry_failed, [])
-                if mismatched:
-                    raise UsageError(mismatch_message(out, mismatched))
-            runner = runner()
-        now = batch_settings(runner, task, questions)
+        lazy = pool is not None or (callable(runner) and not hasattr(runner, "run"))
+        if lazy and profile is not None and not redo_changed:  # refused before a model loads
+            early = profile_settings(profile, task, questions)
+            _, mismatched = _plan(results.records, items, keys, prints, early, retry_failed, [])
+            if mismatched:
+                raise UsageError(mismatch_message(out, mismatched))
+        if pool is not None:
+            now = pool.settings(task, questions)  # starts the workers
+        else:
+            if lazy:
+                runner = runner()
+            now = batch_settings(runner, task, questions)
         todo, mismatched = _plan(results.records, items, keys, prints, now, retry_failed, summary.changed_sources)
         if mismatched and not redo_changed:
             raise UsageError(mismatch_message(out, mismatched))
@@ -605,32 +617,43 @@ def run_batch(
         if redo:
             results.drop(redo)
         batch_keys = set(keys)
+        jobs: list[_Job] = []
+        for i, (item, key, fp) in enumerate(zip(items, keys, prints), start=1):
+            why = todo.pop(key, None)  # a document reached twice in one batch is done once
+            if why is None:
+                summary.skipped += 1
+            else:
+                jobs.append(_Job(i, item, key, fp, why))
+        n = len(items)
+
+        def started(job: _Job) -> None:
+            if on_start:
+                on_start(job.index, n, _source(job.item))
+
+        if pool is not None:
+            finished = pool.run(jobs, task, questions, debug, item_of=lambda job: job.item, started=started)
+        else:
+            finished = _in_process(runner, jobs, task, questions, debug, started)
+        t0 = time.perf_counter()
         try:
-            for i, (item, key, fp) in enumerate(zip(items, keys, prints), start=1):
-                why = todo.get(key)
-                if why is None:
-                    summary.skipped += 1
-                    continue
-                if on_start:
-                    on_start(i, len(items), _source(item))
-                result = _run_one(runner, item, task, questions, debug)
+            for job, result in finished:
                 record = result.to_dict()
                 record.update(now)
-                record["doc_id"] = key
-                record["doc_fingerprint"] = fp
+                record["doc_id"] = job.key
+                record["doc_fingerprint"] = job.fingerprint
                 try:
                     results.append(record)
                 except OSError as e:
                     raise DynkvError(_write_failed(out, e, len(batch_keys & results.records.keys()))) from e
-                del todo[key]  # a document reached twice in one batch is done once
-                summary.changed += why == "changed"
-                summary.redone += why == "settings"
+                summary.changed += job.why == "changed"
+                summary.redone += job.why == "settings"
                 if result.ok:
                     summary.done += 1
                 else:
                     summary.failed_now += 1
                 if on_done:
-                    on_done(i, len(items), result)
+                    on_done(job.index, n, result)
+                summary.seconds = time.perf_counter() - t0
         except KeyboardInterrupt:
             raise BatchInterrupted(out, len(batch_keys & results.records.keys())) from None
         seen: set[str] = set()
@@ -641,6 +664,24 @@ def run_batch(
                 summary.failed += 1
                 summary.failures.append((_source(item), rec["error"]))
     return summary
+
+
+@dataclass
+class _Job:
+    """One document to do: its place in the batch (1-based), the item, its identity and why it is done."""
+
+    index: int
+    item: Document | DocumentError
+    key: str
+    fingerprint: str | None
+    why: str
+
+
+def _in_process(runner: TaskRunner, jobs: Sequence[_Job], task, questions, debug, started):
+    """The documents one after another in this process: yields ``(job, result)``."""
+    for job in jobs:
+        started(job)
+        yield job, run_one(runner, job.item, task, questions, debug)
 
 
 def _plan(records, items, keys, prints, now, retry_failed, changed_sources):
@@ -685,7 +726,8 @@ def _source(item: Document | DocumentError) -> str:
     return item.source or str(item)
 
 
-def _run_one(runner: TaskRunner, item, task: str, questions: Sequence[str], debug: bool) -> TaskResult:
+def run_one(runner: TaskRunner, item, task: str, questions: Sequence[str], debug: bool) -> TaskResult:
+    """One document's result; a failure of the document (or, without ``debug``, a bug) is an error result."""
     profile = runner.profile.name
     source = _source(item)
     if isinstance(item, DocumentError):

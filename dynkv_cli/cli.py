@@ -663,7 +663,8 @@ def info(
 @app.command(
     epilog="Examples:\n\n\b\n  dynkv batch reports/ --task summarize --out summaries.jsonl\n"
     "  dynkv batch 'data/*.pdf' --task qa -q \"Who is the author?\" --out authors.jsonl\n"
-    "  dynkv batch longbench.jsonl --task qa --out answers.jsonl   # questions from each record\n\n"
+    "  dynkv batch longbench.jsonl --task qa --out answers.jsonl   # questions from each record\n"
+    "  dynkv batch reports/ --out summaries.jsonl --workers 4      # 4 Ray workers (pip install 'dynkv[ray]')\n\n"
     "Rerun the same command to resume: documents already in --out are skipped (changed ones are done again; "
     "other settings are refused unless --redo-changed). One batch per --out at a time. Exit code 1 if any failed."
 )
@@ -690,6 +691,34 @@ def batch(
         typer.Option(help="Redo documents whose record in --out was made with other settings (model, budget, ...)."),
     ] = False,
     mkdir: MkdirOpt = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Run N Ray workers (each loads the model once); local Ray unless --ray-address.",
+            rich_help_panel="Workers (Ray)",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Join this Ray cluster instead of starting one (auto: the one this machine belongs to).",
+            rich_help_panel="Workers (Ray)",
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(metavar="N", help="GPUs per worker (default 1 where Ray sees GPUs, else 0).", rich_help_panel="Workers (Ray)"),
+    ] = None,
+    cpus_per_worker: Annotated[
+        float | None,
+        typer.Option(
+            metavar="N",
+            help="CPUs per worker, and its torch threads on CPU (default: this machine's cores / N; 1 on a cluster).",
+            rich_help_panel="Workers (Ray)",
+        ),
+    ] = None,
     *,
     opts: Options,
 ) -> None:
@@ -698,18 +727,46 @@ def batch(
 
     if task not in ("summarize", "qa", "rag"):
         raise UsageError(f"--task {task!r} is not one of summarize, qa, rag")
+    ray_mode = workers is not None or ray_address is not None
+    if not ray_mode and (gpus_per_worker is not None or cpus_per_worker is not None):
+        raise UsageError("--gpus-per-worker and --cpus-per-worker need --workers N or --ray-address")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers}: give at least 1")
+    for name, value in (("--gpus-per-worker", gpus_per_worker), ("--cpus-per-worker", cpus_per_worker)):
+        if value is not None and value < 0:
+            raise UsageError(f"{name} {value}: give 0 or more")
+    if ray_mode:
+        from .raybatch import import_ray
+
+        import_ray()  # not installed: one line saying how, before anything else
     check_output(out, inputs, kind="batch", mkdir=mkdir)
     profile = profile_for(opts, task, _questions_mode(separate))
     lock = BatchLock(out).acquire()  # before the model loads: a second batch on --out fails at once
+    pool = None
     try:
-        summary = _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock)
+        if ray_mode:
+            pool = _ray_pool(opts, profile, workers or 1, ray_address, gpus_per_worker, cpus_per_worker)
+        summary = _batch_run(
+            opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock, pool
+        )
     except BatchInterrupted as e:  # Ctrl-C: say what is kept (typer would exit 130 silently)
         _say(f"error: interrupted; {e.saved} document(s) are saved in {out}, run the same command again to resume")
         raise typer.Exit(130) from None
     finally:
+        if pool is not None:
+            pool.view.stop()
+            pool.close()
         lock.release()
     if opts.json:
-        _emit([json.dumps(summary.to_dict())], None)
+        extra = {}
+        if pool is not None:
+            extra = {
+                "workers": pool.workers,
+                "ray_startup_seconds": round(pool.stats.started_seconds, 2),
+                "worker_restarts": pool.stats.restarts,
+                "retried": pool.stats.retried,
+            }
+        _emit([json.dumps({**summary.to_dict(), **extra})], None)
     if not opts.quiet:
         if summary.dropped_lines:
             _warn(f"{out}: dropped {summary.dropped_lines} torn or unreadable line(s) left by an earlier run")
@@ -719,29 +776,72 @@ def batch(
             + (f", {summary.changed} changed since their record (done again)" if summary.changed else "")
             + (f", {summary.redone} redone with this run's settings" if summary.redone else "")
         )
+        if pool is not None and pool.started_once:
+            now = summary.done + summary.failed_now
+            rate = f", {60 * now / summary.seconds:.1f} documents/min" if summary.seconds > 0 and now else ""
+            _say(
+                f"{pool.workers} worker(s){rate}; Ray and the workers started in {pool.stats.started_seconds:.1f} s"
+                + (f"; {pool.stats.restarts} worker(s) died and were replaced" if pool.stats.restarts else "")
+            )
     if summary.failed:
         raise typer.Exit(1)
 
 
-def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock):
+def _ray_pool(opts, profile, workers, address, gpus, cpus):
+    """A :class:`~dynkv_cli.raybatch.RayPool` for this command's model and profile (not started)."""
+    import signal
+
+    from .cli_view import PoolView
+    from .raybatch import RayPool, WorkerSpec
+    from .userconfig import load_user_config, resolve_model_origin
+
+    config = load_user_config()
+    name, origin = resolve_model_origin(opts.model, config)
+    if origin == "default" and not opts.quiet:
+        _say_once(f"note: no model given; using the default model {_default_name()} ({name})")
+    spec = WorkerSpec(
+        model=name,
+        profile=profile,
+        device=opts.device or config.device,
+        dtype=opts.dtype or config.dtype,
+        trust_remote_code=opts.trust_remote_code or config.trust_remote_code,
+        max_cache=_max_cache(opts),
+        threads=int(cpus) if cpus else None,
+        debug=opts.debug,
+    )
+    view = PoolView(workers, quiet=opts.quiet, warn=_warn)
+    pool = RayPool(spec, workers, address=address, gpus_per_worker=gpus, cpus_per_worker=cpus, on_event=view.event)
+    pool.view = view
+
+    def stop(signum, frame):  # SIGTERM stops the workers like Ctrl-C: nothing finished is lost
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    return pool
+
+
+def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed, redo_changed, lock, pool=None):
     from .batch import run_batch
 
-    view = _view(opts)
+    view = pool.view if pool is not None else _view(opts)
 
     def start(i: int, n: int, source: str) -> None:
         view.start_document(i, n, source)
 
     def done(i: int, n: int, result) -> None:
-        view.stop()
+        if pool is None:
+            view.stop()
+        else:
+            view.finished(i, n, result)
         if opts.quiet:
             return
-        if result.ok:
-            _say(f"[{i}/{n}] {result.source}: ok ({result.seconds:.1f} s)")
-        else:
-            _say(f"[{i}/{n}] {result.source}: failed: {result.error}")
+        line = f"[{i}/{n}] {result.source}: " + (
+            f"ok ({result.seconds:.1f} s)" if result.ok else f"failed: {result.error}"
+        )
+        view.print(line) if pool is not None else _say(line)
 
     summary = run_batch(
-        lambda: _runner(opts, profile, view, stream=False),  # loaded once --out is read and its settings agree
+        None if pool is not None else lambda: _runner(opts, profile, view, stream=False),  # loaded once --out is read
         inputs,
         task,
         out,
@@ -756,6 +856,7 @@ def _batch_run(opts, profile, inputs, task, out, question, pattern, retry_failed
         on_start=start,
         on_done=done,
         on_skipped=lambda folder, files: _warn(describe_skipped(folder, files)),
+        pool=pool,
     )
     for source in summary.changed_sources:
         _warn(f"{source} changed since its record in {out} was written: done again")

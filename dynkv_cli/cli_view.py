@@ -111,3 +111,98 @@ class View:
             f"({s.compression_ratio:,.1f}x smaller); prefill {s.prefill_tokens_per_s:,.0f} tok/s"
             + (f", decode {sum(dec) / len(dec):,.1f} tok/s" if dec else "")
         )
+
+
+class PoolView:
+    """Progress of a batch on Ray workers (stderr): documents done/total, failures, throughput, and
+    each worker's current document. A live display on a terminal; plain lines otherwise."""
+
+    def __init__(self, workers: int, *, quiet: bool = False, warn=None):
+        self.console = Console(stderr=True, highlight=False)
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.quiet = quiet
+        self.warn = warn
+        self.workers = workers
+        self.bar: Progress | None = None
+        self.total_task = None
+        self.worker_tasks: dict[int, object] = {}
+        self.done = 0
+        self.failed = 0
+        self.total: int | None = None
+        self.t0: float | None = None
+
+    def _start(self) -> Progress:
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self.bar.start()
+            self.total_task = self.bar.add_task("documents", total=self.total, info="")
+        return self.bar
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+            self.worker_tasks.clear()
+
+    def print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.print(text)
+
+    # ---- run_batch callbacks ---------------------------------------------------------------------
+    def start_document(self, i: int, n: int, source: str) -> None:
+        import time
+
+        if self.total is None:
+            self.total, self.t0 = n, time.perf_counter()
+
+    def finished(self, i: int, n: int, result: TaskResult) -> None:
+        import time
+
+        self.done += 1
+        self.failed += not result.ok
+        if not self.enabled:
+            return
+        bar = self._start()
+        minutes = (time.perf_counter() - (self.t0 or time.perf_counter())) / 60
+        rate = f"{self.done / minutes:.1f}/min" if minutes > 0 else ""
+        info = ", ".join(x for x in (f"{self.failed} failed" if self.failed else "", rate) if x)
+        bar.update(self.total_task, completed=self.done, total=self.total, info=info)
+
+    # ---- pool events -------------------------------------------------------------------------------
+    def event(self, kind: str, worker, text: str) -> None:
+        if kind == "lost":
+            msg = f"worker {worker.index} died ({text}); a new one loads the model and its document is given out again"
+            if self.bar is not None:
+                self.print(f"warning: {msg}")
+            elif self.warn and not self.quiet:
+                self.warn(msg)
+            return
+        if not self.enabled:
+            return
+        bar = self._start()
+        task = self.worker_tasks.get(worker.index)
+        if task is None:
+            task = self.worker_tasks[worker.index] = bar.add_task(f"  worker {worker.index}", total=None, info="")
+        if kind == "start":
+            bar.update(task, description=f"  worker {worker.index}: {text}", info="")
+            bar.reset(task, total=None)
+        elif kind == "done":
+            bar.update(task, description=f"  worker {worker.index}: idle", info=f"{worker.done} done")
+        elif kind == "ready":
+            bar.update(task, description=f"  worker {worker.index}: ready", info="")

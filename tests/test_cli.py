@@ -203,6 +203,48 @@ def test_entry_point_usage_error_is_one_line(tmp_path):
     assert v.returncode == 0 and v.stdout.startswith("dynkv ")
 
 
+def test_batch_workers_without_ray_says_how_to_install(model, docs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: `import ray` fails
+    out = tmp_path / "results.jsonl"
+    r = invoke(["batch", docs[0].parent, "--out", out, "--model", model, "--workers", "2", *FAST])
+    assert r.exit_code == 2
+    assert "pip install 'dynkv[ray]'" in one_error_line(r)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--gpus-per-worker", "1"], "need --workers N or --ray-address"),
+        (["--cpus-per-worker", "2"], "need --workers N or --ray-address"),
+        (["--workers", "0"], "--workers 0: give at least 1"),
+        (["--workers", "2", "--gpus-per-worker", "-1"], "--gpus-per-worker -1.0: give 0 or more"),
+    ],
+)
+def test_batch_worker_options_are_checked_first(model, docs, tmp_path, extra, says):
+    out = tmp_path / "results.jsonl"
+    r = invoke(["batch", docs[0].parent, "--out", out, "--model", model, *extra, *FAST])
+    assert r.exit_code == 2
+    assert says in one_error_line(r)
+    assert not out.exists()
+
+
+def test_batch_in_process_does_not_import_ray(model, docs, tmp_path):
+    code = (
+        "import sys; from dynkv_cli.cli import main; sys.argv = ['dynkv'] + sys.argv[1:]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    out = tmp_path / "results.jsonl"
+    r = subprocess.run(
+        [sys.executable, "-c", code, "batch", str(docs[0].parent), "--out", str(out), "--model", str(model),
+         "--quiet", *map(str, FAST)],  # fmt: skip
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(jsonl(out)) == len(docs)
+
+
 def test_batch_over_a_folder(model, docs, tmp_path):
     out = tmp_path / "results.jsonl"
     r = invoke(
