@@ -15,6 +15,23 @@ from .engine import Progress as EngineProgress
 from .tasks import Hooks, TaskResult
 
 
+def _bar(console: Console, *fields: str) -> Progress:
+    """A started, transient progress display: description, bar, n/m, ``fields``, elapsed time."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f) for f in fields),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    bar.start()
+    return bar
+
+
 class View:
     def __init__(self, quiet: bool = False):
         self.console = Console(stderr=True, highlight=False)
@@ -32,19 +49,7 @@ class View:
 
     def _start(self) -> Progress:
         if self.bar is None:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[unit]}"),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                console=self.console,
-                transient=True,
-                redirect_stdout=False,
-                redirect_stderr=False,
-            )
-            self.bar.start()
+            self.bar = _bar(self.console, "{task.fields[unit]}", "{task.fields[rate]}")
         return self.bar
 
     def stop(self) -> None:
@@ -133,18 +138,7 @@ class PoolView:
 
     def _start(self) -> Progress:
         if self.bar is None:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                console=self.console,
-                transient=True,
-                redirect_stdout=False,
-                redirect_stderr=False,
-            )
-            self.bar.start()
+            self.bar = _bar(self.console, "{task.fields[info]}")
             self.total_task = self.bar.add_task("documents", total=self.total, info="")
         return self.bar
 
