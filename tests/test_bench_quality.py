@@ -135,34 +135,62 @@ def test_dropping_the_needle_fails_it(lm):
     assert score(ex, f" {ex.answer} \nmore") == 1.0
 
 
-def _fake(task, method, budget, s, length=8192, kept=None):
-    return Q.Prediction(task, length, 0, 1, method, budget, 10, 1000, "", "", s, 60, kept or [10] * 6, 0, 0, 0.5, 0.0)
+def _fake(task, method, budget, s, length=4096, kept=None, prediction="", index=0):
+    return Q.Prediction(
+        task, length, index, 1 + index, method, budget, 10, 1000, prediction, "", s, 60, kept or [10] * 6, 0, 0, 0.5, 0.0
+    )
 
 
 def test_targets_and_distances_from_a_table():
     tasks = ["niah_single", "vt"]
-    r = Q.QualityResult("m", tasks, [8192], ["0.9%", "1.7%"], ["dynamickv", "snapkv", "pyramidkv"], 1, 0, 1024, 6)
+    methods = ["dynamickv", "snapkv", "pyramidkv", "adakv"]
+    r = Q.QualityResult("m", tasks, [4096], ["2%", "5%"], methods, 1, 0, 1024, 6)
     for t in tasks:
-        r.predictions.append(_fake(t, "full", "full", 1.0))
-        r.predictions.append(_fake(t, "dynamickv", "1.7%", 1.0 if t == "vt" else 0.8, kept=[20, 10, 10, 10, 5, 5]))
-        r.predictions.append(_fake(t, "snapkv", "1.7%", 1.0))
-        r.predictions.append(_fake(t, "dynamickv", "0.9%", 0.6, kept=[5, 5, 10, 10, 10, 20]))
-        r.predictions.append(_fake(t, "snapkv", "0.9%", 0.4))
-        r.predictions.append(_fake(t, "pyramidkv", "0.9%", 0.55))
-    tab = r.table()["8192"]
-    assert tab["1.7%"]["dynamickv"]["average"] == 90.0 and tab["1.7%"]["dynamickv"]["pct_of_full"] == 90.0
-    t1, t2, t3 = r.targets(8192)
-    assert t1["met"] is True
-    assert t2["margin"] == {"snapkv": 20.0, "pyramidkv": 5.0} and t2["met"] is False
-    assert t3["met"] is False and t3["violations"] == [
-        {"budget": "1.7%", "task": "niah_single", "dynamickv": 80.0, "snapkv": 100.0}
+        r.predictions.append(_fake(t, "full", "full", 1.0, prediction="The key is 123456."))
+        r.predictions.append(_fake(t, "dynamickv", "2%", 1.0 if t == "vt" else 0.8, kept=[20, 10, 10, 10, 5, 5]))
+        r.predictions.append(_fake(t, "snapkv", "2%", 1.0))
+        r.predictions.append(_fake(t, "pyramidkv", "2%", 0.5))
+        r.predictions.append(_fake(t, "adakv", "2%", 0.9))
+        r.predictions.append(_fake(t, "dynamickv", "5%", 1.0, kept=[5, 5, 10, 10, 10, 20], prediction="The key is 123."))
+        for m in ("snapkv", "pyramidkv", "adakv"):
+            r.predictions.append(_fake(t, m, "5%", 1.0))
+    tab = r.table()["4096"]
+    assert tab["2%"]["dynamickv"]["average"] == 90.0 and tab["2%"]["dynamickv"]["pct_of_full"] == 90.0
+    two, five, beats, near, whole = r.targets(4096)
+    assert two["met"] is True and two["pct_of_full"] == 90.0
+    assert five["met"] is True and five["pct_of_full"] == 100.0
+    assert beats["met"] is False and beats["behind"] == [  # a tie with adakv is not behind
+        {"budget": "2%", "method": "snapkv", "dynamickv": 90.0, "snapkv": 100.0, "gap": 10.0},
     ]
-    lb = r.layer_budgets()["8192"]
-    assert lb["1.7%"]["tasks"]["vt"]["relative_to_budget"] == [2.0, 1.0, 1.0, 1.0, 0.5, 0.5]
-    assert lb["1.7%"]["distances"]["between_tasks"] == 0.0
+    assert near["met"] is False and near["violations"] == [
+        {"budget": "2%", "task": "niah_single", "dynamickv": 80.0, "snapkv": 100.0}
+    ]
+    assert whole["met"] is False and whole["truncated"]["dynamickv"] == 2 and whole["truncated"]["snapkv"] == 0
+    assert not two["enough_examples"]
+    lines = Q.target_lines(r, 4096)
+    assert any("MISSED" in line for line in lines) and all("fewer than 8 examples" in line for line in lines)
+    lb = r.layer_budgets()["4096"]
+    assert lb["2%"]["tasks"]["vt"]["relative_to_budget"] == [2.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+    assert lb["2%"]["distances"]["between_tasks"] == 0.0
     d = Q.profile_distances({"a": [[0.5, 0.5], [0.7, 0.3]], "b": [[0.1, 0.9], [0.1, 0.9]]})
     assert d["within_task"] == pytest.approx(0.1, abs=1e-4) and d["between_tasks"] == pytest.approx(0.5, abs=1e-4)
-    assert any("MISSED" in line for line in Q.target_lines(r, 8192))
+
+
+def test_agnostic_and_summary_targets():
+    r = Q.QualityResult("m", ["niah_single", Q.SUMMARY], [4096], ["2%", "5%", "10%"], ["dynamickv"], 8, 0, 1024, 6)
+    r.protocols = ["agnostic"]
+    for i in range(8):
+        r.predictions.append(_fake("niah_single", "full", "full", 1.0, index=i))
+        r.predictions.append(_fake("niah_single", "dynamickv", "10%", 1.0 if i < 7 else 0.0, index=i))
+        r.predictions.append(_fake(Q.SUMMARY, "full", "full", 0.40, index=i))
+        for b, rouge in (("2%", 0.37), ("5%", 0.39)):
+            p = _fake(Q.SUMMARY, "dynamickv", b, rouge, index=i)
+            p.off_topic = b == "2%" and i == 0
+            r.predictions.append(p)
+    agn, s2, s5 = r.targets(4096)
+    assert agn["protocol"] == "agnostic" and agn["met"] is True and agn["pct_of_full"] == 87.5 and agn["enough_examples"]
+    assert s2["met"] is False and s2["off_topic"] == 1 and s2["pct_of_full"] == 92.5
+    assert s5["met"] is True and s5["off_topic"] == 0 and s5["pct_of_full"] == 97.5
 
 
 def test_words():
@@ -224,7 +252,7 @@ def test_command_end_to_end(model_path, tmp_path):
         assert p["seed"] >> 62 == 1  # eval split
     assert set(data["table"]["512"]["10%"]) == {"full", "dynamickv", "snapkv"}
     assert set(data["layer_budgets"]["512"]) == {"10%", "32"}
-    assert len(data["targets"]["512"]) == 3
+    assert len(data["targets"]["512"]) == 5  # aware: 2%, 5%, beats the others, near snapkv, whole numbers
     kept = {p["kept_tokens"] for p in data["predictions"] if p["method"] == "snapkv" and p["budget"] == "32"}
     assert kept == {32 * 4}
     assert set(data["evidence_kept"]["512"]["32"]) == {"dynamickv", "snapkv"}
@@ -295,15 +323,14 @@ def test_r_max_caps_the_dynamickv_layers_and_is_recorded(lm):
 
 
 def test_targets_are_not_measurable_when_full_kv_fails():
-    r = Q.QualityResult(
-        "m", ["niah_single"], [8192], ["0.9%", "1.7%"], ["dynamickv", "snapkv", "pyramidkv"], 1, 0, 1, 6
-    )
+    methods = ["dynamickv", "snapkv", "pyramidkv", "adakv"]
+    r = Q.QualityResult("m", ["niah_single"], [4096], ["2%", "5%"], methods, 1, 0, 1, 6)
     r.predictions += [_fake("niah_single", "full", "full", 0.0)]
     r.predictions += [_fake("niah_single", m, b, 0.0) for m in r.methods for b in r.budgets]
-    ts = r.targets(8192)
-    assert [t["met"] for t in ts] == [None, None, None] and all("does not solve" in t["note"] for t in ts)
-    assert ts[2]["met_as_computed"] is True
-    assert all("not measurable" in line for line in Q.target_lines(r, 8192))
+    ts = r.targets(4096)
+    assert [t["met"] for t in ts] == [None] * 5 and all("does not solve" in t["note"] for t in ts)
+    assert ts[3]["met_as_computed"] is True
+    assert all("not measurable" in line for line in Q.target_lines(r, 4096))
 
 
 # ----------------------------------------------------------------------------------------------
