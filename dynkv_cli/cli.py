@@ -410,7 +410,8 @@ SeparateOpt = Annotated[
 
 @app.command(
     epilog="Examples:\n\n\b\n  dynkv summarize report.pdf --model ~/models/qwen2.5-7b-instruct\n"
-    "  dynkv summarize a.txt b.md --budget 2% --json -o summaries.jsonl\n  cat notes.txt | dynkv summarize -"
+    "  dynkv summarize a.txt b.md --budget 2% --json -o summaries.jsonl\n  cat notes.txt | dynkv summarize -\n"
+    "  dynkv summarize book.pdf --sections auto --json   # long documents: section summaries, then one summary"
 )
 @shared_options(*RUN_OPTS)
 def summarize(
@@ -421,6 +422,14 @@ def summarize(
     out: OutOpt = None,
     force: ForceOpt = False,
     mkdir: MkdirOpt = False,
+    sections: Annotated[
+        str | None,
+        typer.Option(
+            metavar="auto|on|off",
+            help="Divide-conquer-combine: summarize sections (outline, headings, pages) then combine; auto: "
+            "for a document longer than 4 sections or the model's positions [profile: sections, default off].",
+        ),
+    ] = None,
     *,
     opts: Options,
 ) -> None:
@@ -428,6 +437,8 @@ def summarize(
     if out is not None:
         check_output(out, files, kind="text", force=force, mkdir=mkdir)
     profile = profile_for(opts, "summarize")
+    if sections is not None:
+        profile = profile.with_overrides(sections=sections)
     view = _view(opts)
     stream = _stream_ok(opts, out) and len(files) == 1
     runner = _runner(opts, profile, view, stream)

@@ -24,12 +24,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .config import CompressionSettings
 from .documents import Document, DocumentError
 from .engine import Answer, CompressedDocument, CompressStats, Engine, Progress
 from .model import LoadedModel
 from .profiles import Profile
 
 DEFAULT_INSTRUCTION = "Summarize the document above in a few sentences."
+DEFAULT_COMBINE = (
+    "The text above holds summaries of consecutive parts of one long document, in order. Write one summary "
+    "of the whole document in a few sentences. Name the main topics, people and conclusions."
+)
+#: sections: auto divides a document longer than this many sections (or the model's positions)
+SECTIONS_FACTOR = 4
 
 
 @dataclass
@@ -63,6 +70,7 @@ class TaskResult:
     error_type: str | None = None
     compactions: int = 0  # times the positions were compressed (compact mode: longer than max_positions)
     max_positions: int | None = None  # the model's positions
+    sections: list[dict] = field(default_factory=list)  # divide-conquer-combine: one entry per section summary
 
     @property
     def ok(self) -> bool:
@@ -114,9 +122,24 @@ class TaskResult:
         }
         if self.task == "rag":
             record["sources"] = self.sources
+        if self.sections:
+            record["sections"] = self.sections
         if self.error_type:
             record["error_type"] = self.error_type
         return record
+
+
+def _part_texts(parts: Sequence[dict]) -> list[str]:
+    out = []
+    for p in parts:
+        head = f"Part {p['index']}" + (f" ({p['where']})" if p.get("where") else "")
+        head += f": {p['title']}" if p.get("title") else ""
+        out.append(f"{head}\n{p['summary']}")
+    return out
+
+
+def _joined_parts(parts: Sequence[dict]) -> str:
+    return "\n\n".join(_part_texts(parts))
 
 
 def failed(source: str, task: str, profile: str, err: BaseException) -> TaskResult:
@@ -233,7 +256,15 @@ class TaskRunner:
 
     # ---- tasks ---------------------------------------------------------------------------------
     def summarize(self, doc: Document) -> TaskResult:
-        """Summarize one document with the profile's instruction (question-aware)."""
+        """Summarize one document with the profile's instruction (question-aware).
+
+        With the profile's ``sections`` on (or auto, for a long document) the summary is divided,
+        conquered and combined: :meth:`summarize_sections`.
+        """
+        if self.profile.sections != "off":
+            sections = self.plan_sections(doc)
+            if sections is not None:
+                return self.summarize_sections(doc, sections)
         t0 = time.perf_counter()
         result = self._result(doc.source, "summarize")
         instruction = self.profile.instruction or DEFAULT_INSTRUCTION
@@ -241,6 +272,103 @@ class TaskRunner:
         result.answers.append(self.ask(cdoc, instruction))
         result.seconds = time.perf_counter() - t0
         return result
+
+    # ---- divide, conquer, combine --------------------------------------------------------------
+    def section_tokens(self) -> int:
+        """Tokens per section: the profile's ``section_tokens``, else min(4096, the model's positions / 4)."""
+        return self.profile.section_tokens or max(64, min(4096, self.lm.max_positions // 4))
+
+    def _count(self, text: str) -> int:
+        return len(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def plan_sections(self, doc: Document):
+        """The sections of ``doc`` (:mod:`dynkv_cli.sections`), or None when ``auto`` reads it in one pass
+        (it is no longer than ``SECTIONS_FACTOR`` sections and fits the model's positions)."""
+        from .sections import blocks_of, divide
+
+        blocks = blocks_of(doc)
+        for b in blocks:
+            b.tokens = self._count(b.text)
+        total = sum(b.tokens for b in blocks)
+        limit = self.section_tokens()
+        if self.profile.sections == "auto" and total <= SECTIONS_FACTOR * limit and total < self.lm.max_positions:
+            return None
+        return divide(blocks, self._count, limit)
+
+    def summarize_sections(self, doc: Document, sections) -> TaskResult:
+        """Divide-conquer-combine: a compressed pass per section gives its summary (the profile's method,
+        budget and instruction), then one full-KV pass over the section summaries (each headed with its
+        pages and title) writes the summary. Summaries too long for one section are combined in stages.
+        ``result.sections`` keeps each section's pages, title, tokens and summary."""
+        t0 = time.perf_counter()
+        result = self._result(doc.source, "summarize")
+        instruction = self.profile.instruction or DEFAULT_INSTRUCTION
+        seen = self._warn(result, doc, 0)
+        parts = self._conquer(doc.source, sections, instruction, result)
+        self._warn(result, doc, seen)
+        limit = self.section_tokens()
+        level = 1
+        while self._count(_joined_parts(parts)) > limit and len(parts) > 1:  # combine in stages
+            from .sections import Block, divide
+
+            blocks = [Block(text, 8, title=None) for text in _part_texts(parts)]
+            groups = divide(blocks, self._count, limit)
+            level += 1
+            parts = self._conquer(doc.source, groups, instruction, result, level=level)
+        combine = self.profile.combine_instruction or DEFAULT_COMBINE
+        full = Engine(
+            self.lm,
+            CompressionSettings(method="full", budget="full", chunk_size=self.engine.chunk_size),
+            self.profile.generation,
+            max_cache=self.engine.max_cache,
+        )
+        if self.hooks.phase:
+            self.hooks.phase("compress", f"{doc.source}: the {len(parts)} section summaries")
+        cdoc = full.compress(_joined_parts(parts), self.profile.prompt, question=combine, source=doc.source)
+        if self.hooks.phase:
+            self.hooks.phase("answer", combine)
+        result.answers.append(full.ask(cdoc, combine, on_token=self.hooks.token))
+        result.passes += 1
+        result.prefill_seconds += cdoc.stats.prefill_seconds
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _conquer(self, source: str, sections, instruction: str, result: TaskResult, level: int = 1) -> list[dict]:
+        """One compressed pass per section: its summary, recorded on ``result`` (level 1: the document's)."""
+        from dataclasses import replace
+
+        parts: list[dict] = []
+        biggest: CompressStats | None = None
+        total = 0
+        for i, sec in enumerate(sections, start=1):
+            label = f"section {i}/{len(sections)}" + (f" ({sec.where})" if sec.where else "")
+            if level > 1:
+                label = f"combining, stage {level}: {label}"
+            if self.hooks.phase:
+                self.hooks.phase("compress", f"{source} {label}")
+            t = time.perf_counter()
+            cdoc = self._compress_segments([sec.text], None, source, instruction, None, result)
+            self._compacted(result, cdoc.stats)
+            answer = self.engine.ask(cdoc, instruction)
+            result.passes += 1
+            result.prefill_seconds += cdoc.stats.prefill_seconds
+            total += cdoc.stats.doc_tokens
+            if biggest is None or cdoc.stats.peak_memory_bytes > biggest.peak_memory_bytes:
+                biggest = cdoc.stats
+            entry = {"index": i, **sec.to_dict(), "summary": answer.text.strip(), "seconds": round(time.perf_counter() - t, 3)}
+            if level > 1:
+                entry["stage"] = level
+            result.sections.append(entry)
+            parts.append(entry)
+        if level == 1 and biggest is not None:  # the record's numbers: the largest pass, the whole document
+            scale = total / biggest.doc_tokens if biggest.doc_tokens else 1.0
+            result.stats = replace(
+                biggest,
+                doc_tokens=total,
+                full_kv_bytes=int(biggest.full_kv_bytes * scale),
+                prefill_seconds=result.prefill_seconds,
+            )
+        return parts
 
     def qa(self, doc: Document | CompressedDocument, questions: Sequence[str]) -> TaskResult:
         """Answer ``questions`` about one document (or a cache loaded from a ``.dkv`` file)."""

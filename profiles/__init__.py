@@ -30,6 +30,7 @@ from dynkv_cli.prompt import TaskPrompt
 
 TASKS = ("summarize", "qa", "rag")
 QUESTION_MODES = ("shared", "separate")
+SECTION_MODES = ("off", "auto", "on")
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Profile:
     questions: str = "shared"
     probe: str | None = None
     passage_header: str = "\n\n[{index}] Source: {source}\n"
+    #: summaries of long documents: off (one pass), auto (divide-conquer-combine when the document is
+    #: longer than the model's positions or SECTIONS_FACTOR sections), on (always divide)
+    sections: str = "off"
+    section_tokens: int | None = None  # tokens per section; None: min(4096, the model's positions / 4)
+    combine_instruction: str | None = None  # the final pass's question over the section summaries
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     prompt: TaskPrompt = field(default_factory=TaskPrompt)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -76,6 +82,7 @@ class Profile:
         chunk_size: int | None = None,
         max_new_tokens: int | None = None,
         questions: str | None = None,
+        sections: str | None = None,
     ) -> Profile:
         """A copy with the flags that were given (None: keep the profile's value).
 
@@ -96,6 +103,10 @@ class Profile:
         out = replace(self, compression=compression, generation=gen, prompt=replace(self.prompt))
         if questions is not None:
             out.questions = questions
+        if sections is not None:
+            if sections not in SECTION_MODES:
+                raise UsageError(f"--sections {sections!r} is not one of {', '.join(SECTION_MODES)}")
+            out.sections = sections
         return out.validate()
 
     def validate(self) -> Profile:
@@ -104,6 +115,10 @@ class Profile:
             raise UsageError(f"{where}: task {self.task!r} is not one of {', '.join(TASKS)}")
         if self.questions not in QUESTION_MODES:
             raise UsageError(f"{where}: questions {self.questions!r} is not one of {', '.join(QUESTION_MODES)}")
+        if self.sections not in SECTION_MODES:
+            raise UsageError(f"{where}: sections {self.sections!r} is not one of {', '.join(SECTION_MODES)}")
+        if self.section_tokens is not None and self.section_tokens < 64:
+            raise UsageError(f"{where}: section_tokens must be at least 64 (got {self.section_tokens})")
         if "{question}" not in self.prompt.after_document:
             raise UsageError(f"{where}: prompt.after_document must contain {{question}}")
         try:
