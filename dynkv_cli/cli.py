@@ -487,6 +487,15 @@ def qa(
     out: OutOpt = None,
     force: ForceOpt = False,
     mkdir: MkdirOpt = False,
+    reload: Annotated[
+        str | None,
+        typer.Option(
+            metavar="BUDGET",
+            help="Selective reload: keep a low-compression copy of the document in host memory and bring "
+            "back, for each question, the blocks it attends to most, up to BUDGET (8% of the document, or "
+            "256 entries per layer) [profile: reload, default off].",
+        ),
+    ] = None,
     *,
     opts: Options,
 ) -> None:
@@ -496,6 +505,11 @@ def qa(
     if out is not None:
         check_output(out, [file], kind="text", force=force, mkdir=mkdir)
     profile = profile_for(opts, "qa", _questions_mode(separate))
+    if reload is not None:
+        try:
+            profile = profile.with_overrides(reload=reload)
+        except UsageError as e:
+            raise UsageError(f"--reload {reload!r}: {str(e).split(': ', 1)[-1]}") from None
     many = len(question) > 1
     view, stream, runner = _question_runner(opts, profile, out, many)
     if file.endswith(".dkv") and not Path(file).is_dir():

@@ -116,6 +116,7 @@ class CompressedDocument:
     model_name: str
     model_fingerprint: str
     source: str = ""
+    low_level: object | None = None  # a reload.LowLevel when read with a low level (selective reload)
 
     def header(self) -> dict:
         return {
@@ -147,6 +148,7 @@ class Answer:
     first_token_seconds: float
     decode_seconds: float
     first_logits: torch.Tensor | None = field(default=None, repr=False)
+    reload: dict | None = None  # selective reload: the blocks brought back, entries, bytes, seconds
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -162,6 +164,7 @@ class Answer:
             "first_token_seconds": self.first_token_seconds,
             "decode_seconds": self.decode_seconds,
             "decode_tokens_per_s": self.decode_tokens_per_s,
+            **({"reload": self.reload} if self.reload is not None else {}),
         }
 
 
@@ -237,6 +240,7 @@ class _Pass:
         n_obs: int,
         sync: bool = False,
         span_starts: torch.Tensor | None = None,
+        low=None,
     ):
         """``pin_from``: the position from which chunk entries stay whatever their score (None: none);
         ``n_obs``: the observing queries at the end of the pass (probe or tail window); ``sync``:
@@ -245,6 +249,7 @@ class _Pass:
         self.n_chunk, self.n_probe, self.pin_from, self.n_obs = n_chunk, n_probe, pin_from, n_obs
         self.sync = sync
         self.span_starts = span_starts  # [n_chunk] bool: where the chunk's spans begin (None: no spans)
+        self.low = low  # a reload.LowLevel: keeps each layer's best chunk entries before the cut (None: off)
         self.score_seconds = 0.0
 
     def _pinned(self, positions: torch.Tensor) -> torch.Tensor:
@@ -301,10 +306,16 @@ class _Pass:
         t0 = time.perf_counter()
         g = query.shape[1] // layer.num_kv_heads
         rows = []  # per KV head: (scores, positions) of its candidates
+        low = [] if self.low is not None else None
         for group in layer.head_groups():
             scores = self._score(l, query[:, group.start * g : group.stop * g], group, scaling)
             P, n = self.cache.prefix_len, scores.shape[1]
             rows += list(zip(scores.unbind(0), group.positions[:, P : P + n].unbind(0)))
+            if low is not None:  # the chunk's entries are the last n_chunk candidates of every head
+                a, b = P + n - self.n_chunk, P + n
+                low.append((group.keys[:, a:b], group.values[:, a:b], group.positions[:, a:b], scores[:, -self.n_chunk :]))
+        if low:
+            self.low.capture(l, *(torch.cat(parts) for parts in zip(*low)))
         pinned = min(self.method.pinned_window, self.n_chunk) if self.pin_from is not None else 0
         self._keep(layer, rows, len(rows) * max(int(self.method.capacity(l)), pinned), store=True)
         if self.method.is_update_layer(l):
@@ -587,6 +598,7 @@ class Engine:
         source: str = "",
         on_progress: Callable[[Progress], None] | None = None,
         on_warning: Callable[[str], None] | None = None,
+        low_level: float | None = None,
     ) -> CompressedDocument:
         """Stream ``document`` through the model in chunks into a compressed cache.
 
@@ -598,6 +610,8 @@ class Engine:
             total_tokens: the document's length in tokens when known (a percentage budget needs it;
                 without it the ids are spooled to a temporary file first, see :meth:`_token_chunks`).
             on_warning: called with a one-line warning (a percentage budget that makes a large cache).
+            low_level: keep a second, low-compression level in host memory for selective reload
+                (:mod:`dynkv_cli.reload`): this fraction of each block's entries (1.0: all); None: off.
 
         Raises:
             CacheTooLargeError: before the first chunk, when the cache would not fit :meth:`memory_limit`.
@@ -640,6 +654,11 @@ class Engine:
             capacity=self._capacity(method, total, prefix, probe_ids),
             headroom=self.chunk_size + len(probe_ids),
         )
+        low = None
+        if low_level is not None and not method.keeps_all:
+            from .reload import LowLevel
+
+            low = LowLevel(low_level, lm.shape.num_layers, pin=dev.type == "cuda")
         digest = hashlib.sha256()
         t_start = time.perf_counter()
         score_s, n_chunks, seen = 0.0, 0, 0
@@ -661,7 +680,10 @@ class Engine:
                     n_obs=len(probe_ids) or max(1, pw),  # the probe observes, else the tail window
                     sync=self.sync_timing,
                     span_starts=self._span_starts(method, chunk),
+                    low=low,
                 )
+                if low is not None:
+                    low.begin_chunk(cache.next_pos, cache.next_pos + len(chunk))
                 self._forward(chunk + probe_ids, cache, state)
                 cache.next_pos += len(chunk)
                 seen += len(chunk)
@@ -717,6 +739,7 @@ class Engine:
             lm.name,
             lm.shape.fingerprint(),
             source,
+            low_level=low,
         )
 
     def ask(
@@ -728,12 +751,20 @@ class Engine:
         on_token: Callable[[str], None] | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         keep_logits: bool = False,
+        reload: int | None = None,
     ) -> Answer:
         """Prefill the suffix for ``question`` over the compressed cache and decode an answer.
 
         The question and answer are removed from the cache afterwards, so the document can be asked again.
+        ``reload``: low-level entries per KV head per layer to bring back for this question first
+        (:func:`dynkv_cli.reload.reload`; the document must have been read with ``low_level``).
         """
         gen = (generation or self.generation).validate()
+        reloaded = None
+        if reload:
+            from .reload import reload as reload_blocks
+
+            doc, reloaded = reload_blocks(self, doc, question, int(reload))
         lm, cache = self.lm, doc.cache
         suffix = prompt_ids(lm.tokenizer, doc.prompt, question).suffix
         if not suffix:
@@ -782,7 +813,15 @@ class Engine:
         total = time.perf_counter() - t0
         t_first = out.first_token_seconds
         return Answer(
-            question, out.text, out.token_ids, out.stop_reason, len(suffix), t_first, total - t_first, first_logits
+            question,
+            out.text,
+            out.token_ids,
+            out.stop_reason,
+            len(suffix),
+            t_first,
+            total - t_first,
+            first_logits,
+            reload=None if reloaded is None else reloaded.to_dict(),
         )
 
     def teacher_force(self, doc: CompressedDocument, question: str, answer_ids: list[int]) -> list[tuple[float, int]]:

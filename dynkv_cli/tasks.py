@@ -247,12 +247,21 @@ class TaskRunner:
             source=source,
             on_progress=self.hooks.progress,
             on_warning=warn,
+            low_level=self.profile.reload_level if self.profile.reload else None,
         )
+
+    def reload_tokens(self, cdoc: CompressedDocument) -> int | None:
+        """The profile's ``reload`` budget in entries per KV head for ``cdoc`` (None: off or no low level)."""
+        if not self.profile.reload or cdoc.low_level is None:
+            return None
+        from .budget import parse_budget
+
+        return parse_budget(self.profile.reload).resolve(cdoc.stats.doc_tokens)
 
     def ask(self, cdoc: CompressedDocument, question: str) -> Answer:
         if self.hooks.phase:
             self.hooks.phase("answer", question)
-        return self.engine.ask(cdoc, question, on_token=self.hooks.token)
+        return self.engine.ask(cdoc, question, on_token=self.hooks.token, reload=self.reload_tokens(cdoc))
 
     # ---- tasks ---------------------------------------------------------------------------------
     def summarize(self, doc: Document) -> TaskResult:

@@ -53,6 +53,10 @@ class Profile:
     sections: str = "off"
     section_tokens: int | None = None  # tokens per section; None: min(4096, the model's positions / 4)
     combine_instruction: str | None = None  # the final pass's question over the section summaries
+    #: selective reload (dynkv_cli/reload.py): a budget word (8%, 256) of low-level entries brought back
+    #: per question; None: off. reload_level: the share of each block the low level keeps (1.0: all)
+    reload: str | None = None
+    reload_level: float = 0.25
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     prompt: TaskPrompt = field(default_factory=TaskPrompt)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -83,6 +87,7 @@ class Profile:
         max_new_tokens: int | None = None,
         questions: str | None = None,
         sections: str | None = None,
+        reload: str | None = None,
     ) -> Profile:
         """A copy with the flags that were given (None: keep the profile's value).
 
@@ -107,6 +112,8 @@ class Profile:
             if sections not in SECTION_MODES:
                 raise UsageError(f"--sections {sections!r} is not one of {', '.join(SECTION_MODES)}")
             out.sections = sections
+        if reload is not None:
+            out.reload = None if reload in ("off", "none", "0") else reload
         return out.validate()
 
     def validate(self) -> Profile:
@@ -117,6 +124,14 @@ class Profile:
             raise UsageError(f"{where}: questions {self.questions!r} is not one of {', '.join(QUESTION_MODES)}")
         if self.sections not in SECTION_MODES:
             raise UsageError(f"{where}: sections {self.sections!r} is not one of {', '.join(SECTION_MODES)}")
+        if self.reload is not None:
+            from dynkv_cli.budget import parse_budget
+
+            b = parse_budget(self.reload)
+            if b.kind not in ("percent", "tokens"):
+                raise UsageError(f"{where}: reload {self.reload!r} must be a share of the document (8%) or tokens (256)")
+        if not 0.0 < self.reload_level <= 1.0:
+            raise UsageError(f"{where}: reload_level must be in (0, 1] (got {self.reload_level})")
         if self.section_tokens is not None and self.section_tokens < 64:
             raise UsageError(f"{where}: section_tokens must be at least 64 (got {self.section_tokens})")
         if "{question}" not in self.prompt.after_document:
