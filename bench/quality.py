@@ -146,12 +146,27 @@ def resolve_methods(text: str | None, mix: bool = False) -> list[str]:
     return out
 
 
+#: a budget word ``2%+r8%``: the 2% cache read with a low level, plus a selective reload of 8% per question
+RELOAD_MARK = "+r"
+#: the low level a ``+r`` budget keeps: this share of every block (the profile's reload_level default)
+RELOAD_LEVEL = 0.25
+
+
+def split_reload(budget: str) -> tuple[str, str | None]:
+    """``"2%+r8%"`` -> ``("2%", "8%")``; a plain budget -> ``(budget, None)``."""
+    base, mark, reload = budget.partition(RELOAD_MARK)
+    return base, (reload if mark else None)
+
+
 def resolve_budgets(text: str | None) -> list[str]:
     from dynkv_cli.budget import parse_budget
 
     words = split_words(text) or list(DEFAULT_BUDGETS)
     for w in words:
-        parse_budget(w)
+        base, reload = split_reload(w)
+        parse_budget(base)
+        if reload is not None:
+            parse_budget(reload)
     return words
 
 
@@ -300,7 +315,7 @@ def answer_budget(prep: PreparedExample) -> int:
 def generate_answer(engine: Engine, doc: CompressedDocument, example: Example, gen: GenerationSettings):
     """Default answer function: greedy decoding from the compressed cache (the :class:`Answer`, whose
     ``token_ids`` the fidelity score teacher-forces; an answer function may return plain text)."""
-    return engine.ask(doc, example.question, generation=gen)
+    return engine.ask(doc, example.question, generation=gen, reload=getattr(doc, "bench_reload", None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,6 +359,7 @@ class Prediction:
     rouge_full: float | None = None  # summaries: ROUGE-L F1 against the full-KV summary (score: against the reference)
     off_topic: bool | None = None  # summaries: shares no named entity with its document
     chat_template: bool | None = None  # the prompt went through the tokenizer's chat template
+    reload: dict | None = None  # a "+r" budget: the blocks reloaded, entries per head, bytes, seconds
     reused: bool = False  # read from the results file, not computed in this run (not written)
 
 
@@ -975,22 +991,32 @@ def run_one(
     gen = GenerationSettings(max_new_tokens=max_new_tokens or answer_budget(prep))
     if prep.repetition_guard is not None:
         gen.repetition_guard = dict(prep.repetition_guard)
-    settings = _settings(method, FULL if method == FULL else budget, chunk_size, retention)
+    base, reload = split_reload(budget)
+    settings = _settings(method, FULL if method == FULL else base, chunk_size, retention)
     engine = Engine(lm, settings, gen)
+    low = RELOAD_LEVEL if reload is not None and method != FULL else None
     t0 = time.perf_counter()
     if protocol == "agnostic" and ex.task != SUMMARY:
-        doc = engine.compress(prep.doc_ids, replace(prep.prompt, answer_prefix=""), probe=AGNOSTIC_PROBE)
+        doc = engine.compress(
+            prep.doc_ids, replace(prep.prompt, answer_prefix=""), probe=AGNOSTIC_PROBE, low_level=low
+        )
         doc.prompt = prep.prompt  # asked with the question and the task's answer prefix
     elif protocol in PROTOCOLS:
-        doc = engine.compress(prep.doc_ids, prep.prompt, question=ex.question)
+        doc = engine.compress(prep.doc_ids, prep.prompt, question=ex.question, low_level=low)
     else:
         raise UsageError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if low is not None:  # read by generate_answer: this question's selective reload
+        from dynkv_cli.budget import parse_budget
+
+        doc.bench_reload = parse_budget(reload).resolve(doc.stats.doc_tokens)
     kept_evidence = evidence_kept(doc, prep.evidence)
     out = answer_fn(engine, doc, ex, gen)
+    reloaded = None
     if isinstance(out, str):
         text, ids, stop = out.strip(), encode(lm.tokenizer, out), ""
     else:
         text, ids, stop = out.text.strip(), list(out.token_ids), out.stop_reason
+        reloaded = getattr(out, "reload", None)
     seconds = time.perf_counter() - t0
     st = doc.stats
     p = Prediction(
@@ -1019,6 +1045,7 @@ def run_one(
         answer_ids=ids,
         stop_reason=stop,
         chat_template=prep.chat_template,
+        reload=reloaded,
     )
     if ex.task == SUMMARY:
         from .summaries import off_topic, rouge_l
@@ -1031,7 +1058,7 @@ def run_one(
     # fidelity: full KV's answer teacher-forced under this cache (full KV: its own, for its log-probs)
     ref_ids = ids if reference is None else reference.answer_ids
     ref_lps = None if reference is None else reference.answer_logprobs
-    if reference is None or ref_lps is not None:
+    if (reference is None or ref_lps is not None) and low is None:  # a reload's cache is per question: no fidelity
         fid = _fidelity(engine, doc, ex.question, ref_ids, ref_lps)
         if fid is not None:
             lps, gap, agree = fid

@@ -606,3 +606,18 @@ def test_smollm2_is_asked_through_its_chat_template(smollm2):
     assert full.chat_template and full.fidelity_agreement == 1.0 and full.fidelity_gap == 0.0
     assert keep.prediction == full.prediction and keep.fidelity_agreement == 1.0
     assert keep.fidelity_gap == pytest.approx(0.0, abs=1e-3)
+
+
+def test_a_reload_budget_word(lm):
+    """``2%+r8%``: the run reads a low level and reloads per question; the row says what came back."""
+    assert Q.split_reload("2%+r8%") == ("2%", "8%") and Q.split_reload("5%") == ("5%", None)
+    assert Q.resolve_budgets("2%+r8%,5%") == ["2%+r8%", "5%"]
+    with pytest.raises(Exception, match="not a budget"):
+        Q.resolve_budgets("2%+rlots")
+    tok = lm.tokenizer
+    ex = make_example("niah_single", LENGTH, 3, tok)
+    prep = Q.prepare(tok, ex, 0, 0, LENGTH)
+    p = Q.run_one(lm, prep, "snapkv", "5%+r20%", 128, {}, Q.generate_answer, protocol="agnostic")
+    assert p.budget == "5%+r20%" and p.reload["blocks"][0] == 0 and p.reload["entries_per_head"] > 0
+    plain = Q.run_one(lm, prep, "snapkv", "5%", 128, {}, Q.generate_answer, protocol="agnostic")
+    assert plain.reload is None and plain.kept_per_layer == p.kept_per_layer  # the cache kept is the same
