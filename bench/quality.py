@@ -1008,7 +1008,8 @@ def run_one(
     if low is not None:  # read by generate_answer: this question's selective reload
         from dynkv_cli.budget import parse_budget
 
-        doc.bench_reload = parse_budget(reload).resolve(doc.stats.doc_tokens)
+        n = parse_budget(reload).resolve(doc.stats.doc_tokens)
+        doc.bench_reload = doc.stats.doc_tokens if n is None else n
     kept_evidence = evidence_kept(doc, prep.evidence)
     out = answer_fn(engine, doc, ex, gen)
     reloaded = None

@@ -463,6 +463,7 @@ class CompressedCache(Cache):
         self.next_pos = 0
         self.prefix_len = 0
         self.compactions = 0
+        self.loaded_low_level = None  # the low level read from a bi-level cache file (load)
 
     def scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous temporary of ``shape``, shared by all layers (one ``select`` at a time uses it).
@@ -559,12 +560,13 @@ class CompressedCache(Cache):
         self.compactions += 1
 
     # ---- files -------------------------------------------------------------------------------
-    def save(self, path: str | Path, header: dict) -> None:
+    def save(self, path: str | Path, header: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
         """Write tensors to a safetensors file; ``header`` (JSON) names model, method, budget, document.
 
         The header also holds the sha256 of every tensor's bytes (``checksums``), hashed as it is written.
+        ``extra``: more tensors to store, named ``low.*`` (the low level of a bi-level cache).
         """
-        tensors = {}
+        tensors = dict(extra or {})
         for i, layer in enumerate(self.layers):
             if layer.keys is None:
                 continue
@@ -650,6 +652,10 @@ class CompressedCache(Cache):
                     layer.adopt(k[None].to(device), v[None].to(device))
                 layer.positions = get(f"layer.{i}.positions").to(device)
                 layer.scores = get(f"layer.{i}.scores").to(device)
+            if meta.get("low_level"):  # a bi-level cache: its low level stays in host memory
+                from .reload import LowLevel
+
+                cache.loaded_low_level = LowLevel.from_tensors(meta["low_level"], len(cache.layers), get, dtype)
         cache.next_pos = int(meta["next_pos"])
         cache.prefix_len = int(meta["prefix_len"])
         cache.compactions = int(meta.get("compactions", 0))
@@ -765,6 +771,8 @@ def _check_layout(f, meta: dict, path: Path, shape: ModelShape | None) -> None:
         info[name] = (list(sl.get_shape()), str(sl.get_dtype()))
     parts = ("keys", "values", "positions", "scores") + (("lens",) if ragged else ())
     expected = {f"layer.{i}.{p}" for i in range(num_layers) for p in parts}
+    if meta.get("low_level"):  # a bi-level cache: its low level (reload.LowLevel.tensors)
+        expected |= {"low.blocks", "low.sizes"} | {f"low.{i}.{p}" for i in range(num_layers) for p in ("keys", "values", "positions")}
     extra = sorted(set(info) - expected)
     if extra:
         raise bad(f"tensor {extra[0]} is not part of a {num_layers}-layer cache")

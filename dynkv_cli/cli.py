@@ -626,19 +626,29 @@ def compress(
     probe: Annotated[
         str | None, typer.Option(metavar="TEXT", help="Text that observes each chunk (default: the profile's probe).")
     ] = None,
+    low_level: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SHARE",
+            help="Also save a low-compression level (this share of every block, 0.25; 1: all) so that "
+            "`dynkv qa FILE.dkv --reload 8%` can bring detail back per question.",
+        ),
+    ] = None,
     force: ForceOpt = False,
     mkdir: MkdirOpt = False,
     *,
     opts: Options,
 ) -> None:
     """Compress a document once into a cache file; ask it questions later with `dynkv qa FILE.dkv`."""
+    if low_level is not None and not 0.0 < low_level <= 1.0:
+        raise UsageError(f"--low-level {low_level}: give a share of each block in (0, 1], e.g. 0.25")
     check_output(out, [file], kind="cache", force=force, mkdir=mkdir)
     profile = profile_for(opts, "qa")
     view = _view(opts)
     runner = _runner(opts, profile, view, stream=False)
     doc = open_document(file, password=opts.password)
     with view:
-        cdoc = runner.compress(doc, probe=probe or profile.probe)
+        cdoc = runner.compress(doc, probe=probe or profile.probe, low_level=low_level)
     try:
         cdoc.save(out)
     except OSError as e:

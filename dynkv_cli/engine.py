@@ -132,9 +132,14 @@ class CompressedDocument:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the cache to ``path`` (safetensors tensors + JSON header)."""
+        """Write the cache to ``path`` (safetensors tensors + JSON header); a low level too, when there is one."""
         path = Path(path)
-        self.cache.save(path, self.header())
+        header = self.header()
+        extra = None
+        if self.low_level is not None:
+            header["low_level"] = self.low_level.header()
+            extra = self.low_level.tensors()
+        self.cache.save(path, header, extra)
         return path
 
 
@@ -885,6 +890,7 @@ class Engine:
             meta.get("model", ""),
             meta["model_fingerprint"],
             meta.get("source", ""),
+            low_level=cache.loaded_low_level,
         )
 
 

@@ -97,6 +97,44 @@ class LowLevel:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for part in (self.keys, self.values, self.positions) for ts in part for t in ts)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The level as named tensors for a ``.dkv`` file: per layer the blocks' entries concatenated
+        (``low.{l}.keys`` ``[G, T, d]``, values, positions ``[G, T]``), the blocks' bounds and sizes."""
+        out = {
+            "low.blocks": torch.tensor(self.chunks, dtype=torch.long).reshape(-1, 2),
+            "low.sizes": torch.tensor([self.chunk_entries(c) for c in range(len(self.chunks))], dtype=torch.long),
+        }
+        for l in range(self.num_layers):
+            if self.keys[l]:
+                out[f"low.{l}.keys"] = torch.cat(self.keys[l], dim=1).contiguous()
+                out[f"low.{l}.values"] = torch.cat(self.values[l], dim=1).contiguous()
+                out[f"low.{l}.positions"] = torch.cat(self.positions[l], dim=1).contiguous()
+        return out
+
+    def header(self) -> dict:
+        return {"fraction": self.fraction, "block": self.block, "blocks": len(self.chunks)}
+
+    @classmethod
+    def from_tensors(cls, header: dict, num_layers: int, get, dtype=None) -> LowLevel:
+        """The level :meth:`tensors` wrote (``get(name)`` reads a checked tensor)."""
+        from .errors import CacheFileError
+
+        low = cls(float(header["fraction"]), num_layers, block=int(header.get("block", BLOCK)))
+        bounds, sizes = get("low.blocks").tolist(), get("low.sizes").tolist()
+        if len(bounds) != len(sizes) or any(n < 0 for n in sizes):
+            raise CacheFileError("the cache file's low level is damaged: its block table does not add up")
+        low.chunks = [(int(a), int(b)) for a, b in bounds]
+        for l in range(num_layers):
+            k, v, p = get(f"low.{l}.keys"), get(f"low.{l}.values"), get(f"low.{l}.positions")
+            if k.shape[1] != sum(sizes) or p.shape[1] != sum(sizes) or v.shape[1] != sum(sizes):
+                raise CacheFileError(f"the cache file's low level is damaged: layer {l} does not hold its blocks")
+            if dtype is not None:
+                k, v = k.to(dtype), v.to(dtype)
+            low.keys[l] = list(k.split(sizes, dim=1))
+            low.values[l] = list(v.split(sizes, dim=1))
+            low.positions[l] = list(p.split(sizes, dim=1))
+        return low
+
     def chunk_entries(self, c: int) -> int:
         """Low-level entries per KV head of block ``c`` (the same in every layer)."""
         return int(self.positions[0][c].shape[1]) if self.positions and self.positions[0] else 0

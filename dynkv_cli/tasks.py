@@ -208,14 +208,16 @@ class TaskRunner:
         question: str | None = None,
         probe: str | None = None,
         result: TaskResult | None = None,
+        low_level: float | None = None,
     ) -> CompressedDocument:
-        """Stream ``doc``'s segments through the engine into a compressed cache."""
+        """Stream ``doc``'s segments through the engine into a compressed cache (``low_level``: keep a low
+        level for selective reload, this share of each block; default: the profile's, when it reloads)."""
         if self.hooks.phase:
             self.hooks.phase("compress", doc.source)
         result = result or self._result(doc.source, self.profile.task)
         seen = self._warn(result, doc, 0)
         segments = (s.text for s in doc.segments())
-        cdoc = self._compress_segments(segments, doc.fingerprint, doc.source, question, probe, result)
+        cdoc = self._compress_segments(segments, doc.fingerprint, doc.source, question, probe, result, low_level)
         self._warn(result, doc, seen)
         self._compacted(result, cdoc.stats)
         result.stats = cdoc.stats
@@ -231,6 +233,7 @@ class TaskRunner:
         question: str | None,
         probe: str | None,
         result: TaskResult | None = None,
+        low_level: float | None = None,
     ) -> CompressedDocument:
         def warn(msg: str) -> None:
             if result is not None:
@@ -247,16 +250,24 @@ class TaskRunner:
             source=source,
             on_progress=self.hooks.progress,
             on_warning=warn,
-            low_level=self.profile.reload_level if self.profile.reload else None,
+            low_level=low_level if low_level is not None else (self.profile.reload_level if self.profile.reload else None),
         )
 
     def reload_tokens(self, cdoc: CompressedDocument) -> int | None:
         """The profile's ``reload`` budget in entries per KV head for ``cdoc`` (None: off or no low level)."""
-        if not self.profile.reload or cdoc.low_level is None:
-            return None
+        if not self.profile.reload or cdoc.settings.spec.keeps_all:
+            return None  # off, or a full cache: nothing was dropped, nothing to bring back
+        if cdoc.low_level is None:
+            from .errors import UsageError
+
+            raise UsageError(
+                f"{cdoc.source or 'this cache'} was read without a low level: make the .dkv file with "
+                "`dynkv compress --low-level 0.25` to ask it with --reload"
+            )
         from .budget import parse_budget
 
-        return parse_budget(self.profile.reload).resolve(cdoc.stats.doc_tokens)
+        n = parse_budget(self.profile.reload).resolve(cdoc.stats.doc_tokens)
+        return cdoc.stats.doc_tokens if n is None else n  # None: as much as the document (all of it)
 
     def ask(self, cdoc: CompressedDocument, question: str) -> Answer:
         if self.hooks.phase:

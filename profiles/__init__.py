@@ -128,7 +128,7 @@ class Profile:
             from dynkv_cli.budget import parse_budget
 
             b = parse_budget(self.reload)
-            if b.kind not in ("percent", "tokens"):
+            if b.kind not in ("percent", "tokens", "full"):
                 raise UsageError(f"{where}: reload {self.reload!r} must be a share of the document (8%) or tokens (256)")
         if not 0.0 < self.reload_level <= 1.0:
             raise UsageError(f"{where}: reload_level must be in (0, 1] (got {self.reload_level})")

@@ -107,3 +107,24 @@ def test_compact_mode_refuses_reload(tmp_path):
     assert doc.cache.compactions > 0
     with pytest.raises(UsageError, match="compact mode"):
         e.ask(doc, Q, reload=64)
+
+
+def test_compress_saves_both_levels_and_qa_reloads_from_the_file(model, tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text(DOC)
+    fast = ["--model", model, "--chunk-size", "1024", "--budget", "5%"]
+    plain, bilevel = tmp_path / "plain.dkv", tmp_path / "bi.dkv"
+    assert invoke(["compress", path, "-o", plain, *fast]).exit_code == 0
+    r = invoke(["compress", path, "-o", bilevel, "--low-level", "1", *fast])
+    assert r.exit_code == 0, r.stderr
+    assert bilevel.stat().st_size > 3 * plain.stat().st_size  # the whole document is in the low level
+    assert invoke(["info", bilevel, "--verify"]).exit_code == 0  # every tensor, low level included, checks
+    ask = ["qa", bilevel, "-q", Q, "--max-new-tokens", "6", "--json", "--model", model]
+    again = json.loads(invoke([*ask, "--reload", "100%"]).stdout)
+    full = json.loads(invoke(["qa", path, "-q", Q, "--max-new-tokens", "6", "--json", "--model", model, "--budget", "full"]).stdout)
+    assert again["answer"] == full["answer"]  # every block back: the full-KV answer, from the file alone
+    assert again["answers"][0]["reload"]["entries_per_head"] >= 800
+    no_low = invoke(["qa", plain, "-q", Q, "--json", "--model", model, "--reload", "8%"])
+    assert no_low.exit_code == 2 and "without a low level" in one_error_line(no_low)
+    bad = invoke(["compress", path, "-o", tmp_path / "x.dkv", "--low-level", "2", *fast])
+    assert bad.exit_code == 2 and "--low-level 2.0" in one_error_line(bad)
