@@ -243,3 +243,17 @@ def test_ctrl_c_stops_the_workers_and_keeps_finished_lines(smollm2_gguf, docs, t
     while time.time() < deadline and _ray_processes() - before:
         time.sleep(0.5)
     assert not (_ray_processes() - before), "Ray was left running after Ctrl-C"
+
+
+def test_a_bad_model_is_one_error_line_before_any_document(docs, tmp_path):
+    """Every worker fails to load it: the driver says why in one line, exit 1, nothing written."""
+    from cli_helpers import invoke, one_error_line
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    out = tmp_path / "r.jsonl"
+    r = invoke(["batch", str(docs), "--out", out, "--model", bad, "--workers", "1", "--cpus-per-worker", "1"])
+    assert r.exit_code == 1
+    line = one_error_line(r)
+    assert line.startswith("error: worker 0: ") and "broken.gguf" in line
+    assert not out.exists() or out.read_text() == ""
