@@ -140,6 +140,39 @@ def score_cmd(args) -> None:
         Path(args.json).write_text(json.dumps({"rows": out_rows, "command": " ".join(sys.argv)}, indent=2) + "\n")
 
 
+def memory(args) -> None:
+    """dynkv's peak RSS on the first exported example, measured as the peer's is (``VmHWM`` after
+    ``/proc/self/clear_refs``, model weights included), question-agnostic at ``--budget``."""
+    import torch
+
+    from dynkv_bench.quality import AGNOSTIC_PROBE, chat_prompt, example_for
+    from dynkv_bench.speed import _proc_status_kib, _reset_rss_peak
+    from dynkv_cli.config import CompressionSettings, GenerationSettings
+    from dynkv_cli.engine import Engine
+    from dynkv_cli.model import load_model
+
+    torch.set_num_threads(args.threads)
+    row = _load_jsonl(args.examples)[0]
+    lm = load_model(args.model or row["model_folder"])
+    prep = example_for(row["task"], row["length"], row["example_index"], args.seed, lm.tokenizer, "chat")
+    assert prep.prefix_ids + prep.doc_ids + prep.suffix_ids == row["prefix_ids"] + row["doc_ids"] + row["suffix_ids"]
+    out = []
+    for budget in args.budgets.split(","):
+        method = "full" if budget == "full" else args.method
+        engine = Engine(lm, CompressionSettings(method=method, budget=budget), GenerationSettings(max_new_tokens=row["max_new_tokens"]))
+        prompt = chat_prompt(prep.example, answer_prefix=False)
+        _reset_rss_peak()
+        doc = engine.compress(prep.doc_ids, prompt, probe=AGNOSTIC_PROBE)
+        doc.prompt = prep.prompt
+        engine.ask(doc, prep.example.question)
+        peak = (_proc_status_kib("VmHWM") or 0) * 1024
+        out.append({"method": method, "budget": budget, "peak_rss_bytes": peak, "cache_bytes": doc.stats.bytes_used})
+        print(f"dynkv {method} {budget}: peak RSS {peak / 2**30:.2f} GiB, cache {doc.stats.bytes_used / 2**20:.1f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": out, "example": {k: row[k] for k in ("task", "length", "example_index", "seed")},
+                                               "command": " ".join(sys.argv)}, indent=2) + "\n")  # fmt: skip
+
+
 def _avg(cells: dict[str, list[float]]) -> float | None:
     if not cells:
         return None
@@ -168,8 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--model", default=None, help="default: the model folder the export names")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None)
+    m = sub.add_parser("memory", help="dynkv's peak RSS on the first exported example, as the peer measures its own")
+    m.add_argument("--examples", required=True)
+    m.add_argument("--model", default=None)
+    m.add_argument("--method", default="dynamickv")
+    m.add_argument("--budgets", default="10%,full")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    export(args) if args.cmd == "export" else score_cmd(args)
+    {"export": export, "score": score_cmd, "memory": memory}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -68,16 +68,20 @@ def answer(model, ids_context: list[int], ids_question: list[int], press, max_ne
 
     cache = DynamicCache()
     ctx = torch.tensor([ids_context])
+    # logits of the last context token only (kvpress's pipeline runs the context through the base model,
+    # without the head): logits for every context token would be the largest tensor of the pass
     if press is None:
-        out = model(input_ids=ctx, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
     else:
         with press(model):
-            out = model(input_ids=ctx, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
     kept = cache.get_seq_length()
     n = len(ids_context)
     if ids_question:
         pos = torch.arange(n, n + len(ids_question)).unsqueeze(0)
-        out = model(input_ids=torch.tensor([ids_question]), past_key_values=cache, position_ids=pos, use_cache=True)
+        out = model(
+            input_ids=torch.tensor([ids_question]), past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
         n += len(ids_question)
     logits = out.logits[0, -1]
     tokens: list[int] = []
