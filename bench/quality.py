@@ -146,16 +146,24 @@ def resolve_methods(text: str | None, mix: bool = False) -> list[str]:
     return out
 
 
-#: a budget word ``2%+r8%``: the 2% cache read with a low level, plus a selective reload of 8% per question
+#: a budget word ``2%+r8%``: the 2% cache read with a low level, plus a selective reload of 8% per question;
+#: ``2%+r8%:1``: with a low level of that share of each block (default RELOAD_LEVEL)
 RELOAD_MARK = "+r"
 #: the low level a ``+r`` budget keeps: this share of every block (the profile's reload_level default)
 RELOAD_LEVEL = 0.25
 
 
 def split_reload(budget: str) -> tuple[str, str | None]:
-    """``"2%+r8%"`` -> ``("2%", "8%")``; a plain budget -> ``(budget, None)``."""
+    """``"2%+r8%"`` -> ``("2%", "8%")``; ``"2%+r8%:1"`` -> ``("2%", "8%")`` (see :func:`reload_level`);
+    a plain budget -> ``(budget, None)``."""
     base, mark, reload = budget.partition(RELOAD_MARK)
-    return base, (reload if mark else None)
+    return base, (reload.partition(":")[0] if mark else None)
+
+
+def reload_level(budget: str) -> float:
+    """The low level's share of each block a ``+r`` budget word asks for (``:1`` -> 1.0)."""
+    _, colon, level = budget.partition(RELOAD_MARK)[2].partition(":")
+    return float(level) if colon else RELOAD_LEVEL
 
 
 def resolve_budgets(text: str | None) -> list[str]:
@@ -994,7 +1002,7 @@ def run_one(
     base, reload = split_reload(budget)
     settings = _settings(method, FULL if method == FULL else base, chunk_size, retention)
     engine = Engine(lm, settings, gen)
-    low = RELOAD_LEVEL if reload is not None and method != FULL else None
+    low = reload_level(budget) if reload is not None and method != FULL else None
     t0 = time.perf_counter()
     if protocol == "agnostic" and ex.task != SUMMARY:
         doc = engine.compress(

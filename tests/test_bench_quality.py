@@ -611,6 +611,8 @@ def test_smollm2_is_asked_through_its_chat_template(smollm2):
 def test_a_reload_budget_word(lm):
     """``2%+r8%``: the run reads a low level and reloads per question; the row says what came back."""
     assert Q.split_reload("2%+r8%") == ("2%", "8%") and Q.split_reload("5%") == ("5%", None)
+    assert Q.split_reload("2%+r8%:1") == ("2%", "8%") and Q.reload_level("2%+r8%:1") == 1.0
+    assert Q.reload_level("2%+r8%") == Q.RELOAD_LEVEL
     assert Q.resolve_budgets("2%+r8%,5%") == ["2%+r8%", "5%"]
     with pytest.raises(Exception, match="not a budget"):
         Q.resolve_budgets("2%+rlots")
