@@ -333,6 +333,8 @@ class TaskRunner:
 
             blocks = [Block(text, 8, title=None) for text in _part_texts(parts)]
             groups = divide(blocks, self._count, limit)
+            if len(groups) >= len(parts):  # summaries too long to pack two per pass: combine what there is
+                break
             level += 1
             parts = self._conquer(doc.source, groups, instruction, result, level=level)
         combine = self.profile.combine_instruction or DEFAULT_COMBINE

@@ -140,3 +140,23 @@ def test_sections_word_is_checked(model, tmp_path):
     doc.write_text("hello there")
     r = invoke(["summarize", doc, "--model", model, "--sections", "sometimes"])
     assert r.exit_code == 2 and "--sections 'sometimes' is not one of off, auto, on" in one_error_line(r)
+
+
+def test_combining_in_stages_stops_when_summaries_cannot_be_packed(lm, monkeypatch):
+    """Section summaries longer than half a section cannot be packed two per pass: the combine pass
+    takes them as they are instead of summarizing them again and again."""
+    doc = Document.from_text("\n\n".join(text_of(120, seed=i) for i in range(4)))
+    runner = _runner(lm, sections="on", section_tokens=64)
+    runner.profile.generation.max_new_tokens = 40
+    runner.profile.generation.repetition_guard = None
+    calls = []
+    real = TaskRunner._conquer
+
+    def counted(self, *a, **k):
+        calls.append(k.get("level", 1))
+        assert len(calls) < 10, "combining does not converge"
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TaskRunner, "_conquer", counted)
+    result = runner.summarize(doc)
+    assert len(result.answers) == 1 and calls[0] == 1 and len(calls) <= 3
