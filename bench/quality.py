@@ -1100,8 +1100,8 @@ def example_seed(task: str, length: int, i: int, seed: int, tokenizer, split: st
 
 def _wants_fidelity(p: Prediction, reference: Prediction | None) -> bool:
     """A stored cell without a fidelity score that could have one now."""
-    if p.fidelity_gap is not None or not can_teacher_force():
-        return False
+    if p.fidelity_gap is not None or not can_teacher_force() or split_reload(p.budget)[1] is not None:
+        return False  # a reload's cache is built per question: no fidelity score to add
     if p.method == FULL:
         return bool(p.answer_ids)
     return reference is not None and bool(reference.answer_ids) and reference.answer_logprobs is not None
