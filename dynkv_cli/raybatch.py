@@ -30,6 +30,7 @@ from .tasks import TaskResult, failed
 
 RAY_INSTALL = "pip install 'dynkv[ray]'"
 ATTEMPTS = 2  # a document is given to a worker at most this many times when workers die on it
+START_TIMEOUT = 600.0  # seconds for every worker to be placed and load the model
 
 
 class WorkerDiedError(DynkvError):
@@ -197,7 +198,14 @@ class RayPool:
         self.spec = spec
         try:
             self._actors = [self._actor_cls.remote(spec) for _ in range(self.workers)]
-            readies = ray.get([a.ready.remote() for a in self._actors])
+            readies = ray.get([a.ready.remote() for a in self._actors], timeout=START_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise DynkvError(
+                f"the {self.workers} worker(s) did not start within {START_TIMEOUT:.0f} s: Ray has no room for "
+                f"{self.workers} x {cpus:g} CPU(s){f' and {gpus:g} GPU(s)' if gpus else ''} (free: "
+                f"{_free(ray)}); use fewer --workers or a smaller --cpus-per-worker"
+            ) from None
         except BaseException:
             self.close()
             raise
@@ -363,6 +371,14 @@ def _prepare_model(model: str | None) -> None:
             ggufmodel.dequantized_folder(gguf, None)
         except ModelLoadError:
             return  # the workers say what is wrong, as a single process would
+
+
+def _free(ray) -> str:
+    try:
+        free = ray.available_resources()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+    return ", ".join(f"{free.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
 
 
 def _died_errors(ray) -> tuple[type[BaseException], ...]:

@@ -246,14 +246,23 @@ def test_ctrl_c_stops_the_workers_and_keeps_finished_lines(smollm2_gguf, docs, t
 
 
 def test_a_bad_model_is_one_error_line_before_any_document(docs, tmp_path):
-    """Every worker fails to load it: the driver says why in one line, exit 1, nothing written."""
-    from cli_helpers import invoke, one_error_line
-
+    """Every worker fails to load it: the driver says why in one line, exit 1, nothing written.
+    (A subprocess: this file's pool holds the CPUs of the Ray instance this process started.)"""
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
-    out = tmp_path / "r.jsonl"
-    r = invoke(["batch", str(docs), "--out", out, "--model", bad, "--workers", "1", "--cpus-per-worker", "1"])
-    assert r.exit_code == 1
-    line = one_error_line(r)
-    assert line.startswith("error: worker 0: ") and "broken.gguf" in line
-    assert not out.exists() or out.read_text() == ""
+    (tmp_path / "in").symlink_to(docs)
+    r = subprocess.run(_cli(bad, "r.jsonl"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: worker 0: ") and "broken.gguf" in err[0], r.stderr
+    assert not (tmp_path / "r.jsonl").exists() or (tmp_path / "r.jsonl").read_text() == ""
+
+
+def test_workers_that_cannot_be_placed_fail_with_a_line(pool, smollm2_gguf, monkeypatch):
+    """Ray (started by this file's pool) has no free CPU: a second pool says so instead of waiting."""
+    import dynkv_cli.raybatch as rb
+
+    monkeypatch.setattr(rb, "START_TIMEOUT", 5.0)
+    other = RayPool(WorkerSpec(model=str(smollm2_gguf), profile=profile()), 1, cpus_per_worker=1)
+    with pytest.raises(rb.DynkvError, match="did not start within 5 s: Ray has no room for 1 x 1 CPU"):
+        other.start()
