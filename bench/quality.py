@@ -1014,10 +1014,9 @@ def run_one(
     else:
         raise UsageError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     if low is not None:  # read by generate_answer: this question's selective reload
-        from dynkv_cli.budget import parse_budget
+        from dynkv_cli.reload import reload_entries
 
-        n = parse_budget(reload).resolve(doc.stats.doc_tokens)
-        doc.bench_reload = doc.stats.doc_tokens if n is None else n
+        doc.bench_reload = reload_entries(reload, doc.stats.doc_tokens)
     kept_evidence = evidence_kept(doc, prep.evidence)
     out = answer_fn(engine, doc, ex, gen)
     reloaded = None

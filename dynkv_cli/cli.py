@@ -285,24 +285,30 @@ def _load(model: str, device: str | None, dtype: str | None, trust: bool, quiet:
     return load_model(model, device=device, dtype=dtype, trust_remote_code=trust, note=note)
 
 
-def load(opts: Options):
-    """The model, loaded once per process (``--model``, ``DYNKV_MODEL``, the config file, or the default)."""
+def model_choice(opts: Options) -> tuple[str, str | None, str | None, bool]:
+    """``(model, device, dtype, trust_remote_code)`` from the flags, ``DYNKV_MODEL``, the config file or the
+    default (said once when it is the default)."""
     from .userconfig import load_user_config, resolve_model_origin
 
     config = load_user_config()
     name, origin = resolve_model_origin(opts.model, config)
     if origin == "default" and not opts.quiet:
         _say_once(f"note: no model given; using the default model {_default_name()} ({name})")
-    view = _view(opts)
-    if view.enabled:
-        view.note(f"loading {name}")
-    return _load(
+    return (
         name,
         opts.device or config.device,
         opts.dtype or config.dtype,
         opts.trust_remote_code or config.trust_remote_code,
-        opts.quiet,
     )
+
+
+def load(opts: Options):
+    """The model, loaded once per process (see :func:`model_choice`)."""
+    name, device, dtype, trust = model_choice(opts)
+    view = _view(opts)
+    if view.enabled:
+        view.note(f"loading {name}")
+    return _load(name, device, dtype, trust, opts.quiet)
 
 
 def _default_name() -> str:
@@ -828,18 +834,14 @@ def _ray_pool(opts, profile, workers, address, gpus, cpus):
 
     from .cli_view import PoolView
     from .raybatch import RayPool, WorkerSpec
-    from .userconfig import load_user_config, resolve_model_origin
 
-    config = load_user_config()
-    name, origin = resolve_model_origin(opts.model, config)
-    if origin == "default" and not opts.quiet:
-        _say_once(f"note: no model given; using the default model {_default_name()} ({name})")
+    name, device, dtype, trust = model_choice(opts)
     spec = WorkerSpec(
         model=name,
         profile=profile,
-        device=opts.device or config.device,
-        dtype=opts.dtype or config.dtype,
-        trust_remote_code=opts.trust_remote_code or config.trust_remote_code,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust,
         max_cache=_max_cache(opts),
         threads=int(cpus) if cpus else None,
         debug=opts.debug,

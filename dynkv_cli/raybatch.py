@@ -21,7 +21,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .batch import _source, batch_settings, run_one
 from .documents import DocumentError
@@ -194,10 +194,10 @@ class RayPool:
         if gpus is None:
             gpus = 1 if (self.spec.device or "").lower() != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self._actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(_Worker)
-        spec = self.spec if self.spec.threads or gpus else _with_threads(self.spec, int(cpus))
-        self.spec = spec
+        if not self.spec.threads and not gpus:  # CPU workers: as many torch threads as Ray CPUs
+            self.spec = replace(self.spec, threads=max(1, int(cpus)))
         try:
-            self._actors = [self._actor_cls.remote(spec) for _ in range(self.workers)]
+            self._actors = [self._actor_cls.remote(self.spec) for _ in range(self.workers)]
             readies = ray.get([a.ready.remote() for a in self._actors], timeout=START_TIMEOUT)
         except ray.exceptions.GetTimeoutError:
             self.close()
@@ -340,12 +340,6 @@ class RayPool:
 
 
 _LOCAL_OBJECT_STORE = 256 * 2**20  # documents and results are small; Ray's default takes 30% of memory
-
-
-def _with_threads(spec: WorkerSpec, threads: int) -> WorkerSpec:
-    from dataclasses import replace
-
-    return replace(spec, threads=max(1, threads))
 
 
 def _prepare_model(model: str | None) -> None:

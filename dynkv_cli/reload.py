@@ -186,6 +186,15 @@ class Listen:
             self.totals += mass / total
 
 
+def reload_entries(word: str, doc_tokens: int) -> int:
+    """A reload budget word (``8%``, ``256``, ``full``) as low-level entries per KV head for a document of
+    ``doc_tokens`` (as much as the document, or more, is all of it)."""
+    from .budget import parse_budget
+
+    n = parse_budget(word).resolve(doc_tokens)
+    return doc_tokens if n is None else n
+
+
 def choose_chunks(scores: list[float], sizes: list[int], budget: int) -> list[int]:
     """The chunks to reload: the first and the last always, then by score while ``sizes`` fit ``budget``."""
     n = len(scores)

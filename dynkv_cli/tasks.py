@@ -264,10 +264,9 @@ class TaskRunner:
                 f"{cdoc.source or 'this cache'} was read without a low level: make the .dkv file with "
                 "`dynkv compress --low-level 0.25` to ask it with --reload"
             )
-        from .budget import parse_budget
+        from .reload import reload_entries
 
-        n = parse_budget(self.profile.reload).resolve(cdoc.stats.doc_tokens)
-        return cdoc.stats.doc_tokens if n is None else n  # None: as much as the document (all of it)
+        return reload_entries(self.profile.reload, cdoc.stats.doc_tokens)
 
     def ask(self, cdoc: CompressedDocument, question: str) -> Answer:
         if self.hooks.phase:
@@ -328,10 +327,10 @@ class TaskRunner:
         self._warn(result, doc, seen)
         limit = self.section_tokens()
         level = 1
-        while self._count(_joined_parts(parts)) > limit and len(parts) > 1:  # combine in stages
-            from .sections import Block, divide
+        from .sections import PARAGRAPH, Block, divide
 
-            blocks = [Block(text, 8, title=None) for text in _part_texts(parts)]
+        while self._count(_joined_parts(parts)) > limit and len(parts) > 1:  # combine in stages
+            blocks = [Block(text, PARAGRAPH) for text in _part_texts(parts)]
             groups = divide(blocks, self._count, limit)
             if len(groups) >= len(parts):  # summaries too long to pack two per pass: combine what there is
                 break
